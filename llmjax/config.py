@@ -1,0 +1,42 @@
+"""Run configuration: ml_collections ConfigDicts built by `configs/*.py:get_config()`, loaded and checked here.
+
+The model section is validated by llmjax.models.config.ModelConfig; errors name the field (`model.num_heads`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+from llmjax.models.config import ConfigError, ModelConfig, model_config_dict
+
+OBJECTIVES = ("causal_lm", "prefix_lm", "mlm", "span_corruption")
+
+
+def base_config(*, objective: str, **model) -> ml_collections.ConfigDict:
+    """A run config with the model section filled from `model` (ModelConfig fields) and the objective."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective: unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    cfg = ml_collections.ConfigDict()
+    cfg.model = model_config_dict(**model)
+    cfg.objective = objective
+    return cfg
+
+
+def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """Import a config file and call its get_config()."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist; pass e.g. --config configs/gpt_tiny.py")
+    spec = importlib.util.spec_from_file_location(f"llmjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {str(path)!r} has no get_config() function")
+    return module.get_config()
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
+    return ModelConfig.from_dict(cfg.model)

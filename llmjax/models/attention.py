@@ -1,0 +1,317 @@
+"""THE shared attention core: one module for encoder self-, decoder causal self-, prefix-LM self- and cross-attention.
+
+What a query may see is described per token (segment ids, positions, a prefix flag) by `AttentionMask`;
+the [T, S] mask is built only where a kernel needs it. Three kernels give the same outputs:
+'reference' (einsum), 'dot_product' (jax.nn.dot_product_attention: cuDNN flash attention on GPUs) and
+'blockwise' (online softmax over key blocks, never materialising the [T, S] scores).
+Shape letters: B batch, T query length, S key length, N query heads, K kv heads, G = N // K, H head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from llmjax.models.config import ModelConfig
+from llmjax.models.layers import Linear, apply_rope
+
+NEG_INF = -1e30  # finite, so fully masked rows never produce NaN
+BiasFn = Callable[[jax.Array, jax.Array], jax.Array]  # ([B,T] q positions, [B,S] kv positions) -> [B|1, N, T, S]
+
+
+@struct.dataclass
+class AttentionMask:
+    """Which keys each query may attend to, from per-token vectors.
+
+    A query attends to a key iff both have the same non-zero segment id (0 = padding; packed documents
+    have distinct ids) and, when `causal`, the key's position is <= the query's or the key lies in the
+    bidirectional prefix (`kv_prefix`, prefix LM). Cross-attention uses causal=False and pairs decoder
+    segment k with encoder segment k.
+    """
+
+    q_segment_ids: jax.Array  # [B, T] int
+    kv_segment_ids: jax.Array  # [B, S] int
+    q_positions: jax.Array  # [B, T] int
+    kv_positions: jax.Array  # [B, S] int
+    kv_prefix: jax.Array | None = None  # [B, S] bool
+    causal: bool = struct.field(pytree_node=False, default=False)
+
+    def block(self, q_sl=slice(None), kv_sl=slice(None)) -> jax.Array:
+        """The boolean mask [B, t, s] for a block of queries and keys."""
+        q_seg, kv_seg = self.q_segment_ids[:, q_sl], self.kv_segment_ids[:, kv_sl]
+        allowed = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+        if self.causal:
+            visible = self.q_positions[:, q_sl, None] >= self.kv_positions[:, None, kv_sl]
+            if self.kv_prefix is not None:
+                visible = visible | self.kv_prefix[:, None, kv_sl]
+            allowed = allowed & visible
+        return allowed
+
+    def dense(self) -> jax.Array:
+        return self.block()
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of one attention layer for incremental decoding, with the per-token vectors the
+    mask needs. Self-attention writes new tokens at `index`; cross-attention fills it once."""
+
+    k: jax.Array  # [B, S, K, H]
+    v: jax.Array  # [B, S, K, H]
+    segment_ids: jax.Array  # [B, S] int, 0 = empty slot
+    positions: jax.Array  # [B, S] int
+    prefix: jax.Array  # [B, S] bool
+    index: jax.Array  # [] int32, next slot to write
+
+    @classmethod
+    def empty(cls, batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+        return cls(
+            k=jnp.zeros((batch, length, kv_heads, head_dim), dtype),
+            v=jnp.zeros((batch, length, kv_heads, head_dim), dtype),
+            segment_ids=jnp.zeros((batch, length), jnp.int32),
+            positions=jnp.zeros((batch, length), jnp.int32),
+            prefix=jnp.zeros((batch, length), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    def append(self, k, v, segment_ids, positions, prefix) -> "KVCache":
+        """Write t new tokens ([B, t, ...]) at `index`."""
+        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), self.index, axis=1)
+        return KVCache(
+            k=upd(self.k, k), v=upd(self.v, v), segment_ids=upd(self.segment_ids, segment_ids),
+            positions=upd(self.positions, positions), prefix=upd(self.prefix, prefix),
+            index=self.index + k.shape[1],
+        )
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+def _group(q: jax.Array, kv_heads: int) -> jax.Array:
+    b, t, n, h = q.shape
+    return q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]: query head n uses kv head n // G
+
+
+def _bias_grouped(bias: jax.Array, kv_heads: int) -> jax.Array:
+    b, n, t, s = bias.shape
+    return bias.reshape(b, kv_heads, n // kv_heads, t, s)  # [B|1, K, G, T, S]
+
+
+def reference_attention(q, k, v, mask: AttentionMask, *, bias=None, scale: float, dropout_rate=0.0,
+                        dropout_rng=None) -> jax.Array:
+    """Plain einsum attention; materialises the [B, N, T, S] scores. Softmax in float32."""
+    kvh = k.shape[2]
+    s = jnp.einsum("btkgh,bskh->bkgts", _group(q, kvh), k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        s = s + _bias_grouped(bias(mask.q_positions, mask.kv_positions) if callable(bias) else bias, kvh)
+    allowed = mask.dense()[:, None, None]  # [B, 1, 1, T, S]
+    s = jnp.where(allowed, s, NEG_INF)
+    p = jax.nn.softmax(s, axis=-1)
+    p = jnp.where(allowed.any(-1, keepdims=True), p, 0.0)  # a query that sees nothing outputs zeros
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
+        p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
+    o = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v)
+    return o.reshape(q.shape)
+
+
+def dot_product_attention(q, k, v, mask: AttentionMask, *, bias=None, scale: float) -> jax.Array:
+    """jax.nn.dot_product_attention (XLA here, cuDNN flash attention on GPUs when shapes allow)."""
+    allowed = mask.dense()  # [B, T, S]
+    if callable(bias):
+        bias = bias(mask.q_positions, mask.kv_positions)
+    if bias is not None:
+        bias = bias.astype(q.dtype)
+    o = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=allowed[:, None], scale=scale)
+    return jnp.where(allowed.any(-1)[:, :, None, None], o, 0.0).astype(q.dtype)
+
+
+def _pad_to(x: jax.Array, axis: int, size: int, value=0):
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, extra)
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def blockwise_attention(q, k, v, mask: AttentionMask, *, bias=None, scale: float, block_size: int,
+                        dropout_rate=0.0, dropout_rng=None) -> jax.Array:
+    """Online-softmax attention over [block, block] tiles (Rabe & Staats; the flash-attention recurrence).
+
+    Each query block scans the key blocks keeping a running max, normaliser and weighted sum, so the
+    [T, S] scores never exist; the per-query-block body is rematerialised in the backward pass, so
+    training memory grows linearly with the sequence length. `bias` may be a function of positions,
+    evaluated per tile (T5 relative bias), or a full array (sliced per tile).
+    """
+    b, t, n, h = q.shape
+    s_len, kvh = k.shape[1], k.shape[2]
+    g = n // kvh
+    bq, bk = min(block_size, t), min(block_size, s_len)
+    tp, sp = -(-t // bq) * bq, -(-s_len // bk) * bk
+    nq, nk = tp // bq, sp // bk
+    # Padded keys get segment 0 (never visible); padded query rows are cut off at the end.
+    q = _pad_to(q, 1, tp)
+    k, v = _pad_to(k, 1, sp), _pad_to(v, 1, sp)
+    m = AttentionMask(
+        q_segment_ids=_pad_to(mask.q_segment_ids, 1, tp), kv_segment_ids=_pad_to(mask.kv_segment_ids, 1, sp),
+        q_positions=_pad_to(mask.q_positions, 1, tp), kv_positions=_pad_to(mask.kv_positions, 1, sp),
+        kv_prefix=None if mask.kv_prefix is None else _pad_to(mask.kv_prefix, 1, sp), causal=mask.causal,
+    )
+    if bias is not None and not callable(bias):
+        bias = _pad_to(_pad_to(bias, 2, tp), 3, sp)
+    use_dropout = dropout_rate > 0.0 and dropout_rng is not None
+    kb = k.reshape(b, nk, bk, kvh, h)
+    vb = v.reshape(b, nk, bk, kvh, h)
+
+    @jax.checkpoint
+    def one_query_block(qi):
+        q_blk = jax.lax.dynamic_slice_in_dim(q, qi * bq, bq, axis=1).reshape(b, bq, kvh, g, h)
+        q_seg = jax.lax.dynamic_slice_in_dim(m.q_segment_ids, qi * bq, bq, axis=1)
+        q_pos = jax.lax.dynamic_slice_in_dim(m.q_positions, qi * bq, bq, axis=1)
+
+        def step(carry, ki):
+            mx, l, acc = carry
+            k_blk, v_blk = kb[:, ki], vb[:, ki]  # [B, bk, K, H]
+            kv_seg = jax.lax.dynamic_slice_in_dim(m.kv_segment_ids, ki * bk, bk, axis=1)
+            kv_pos = jax.lax.dynamic_slice_in_dim(m.kv_positions, ki * bk, bk, axis=1)
+            kv_pre = None if m.kv_prefix is None else jax.lax.dynamic_slice_in_dim(m.kv_prefix, ki * bk, bk, axis=1)
+            tile = AttentionMask(q_seg, kv_seg, q_pos, kv_pos, kv_pre, causal=m.causal).dense()  # [B, bq, bk]
+            s = jnp.einsum("btkgh,bskh->bkgts", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+            if bias is not None:
+                if callable(bias):
+                    tb = bias(q_pos, kv_pos)
+                else:
+                    tb = jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_slice_in_dim(bias, qi * bq, bq, 2), ki * bk, bk, 3)
+                s = s + _bias_grouped(tb, kvh)
+            allowed = tile[:, None, None]  # [B, 1, 1, bq, bk]
+            s = jnp.where(allowed, s, NEG_INF)
+            mx_new = jnp.maximum(mx, s.max(-1))  # [B, K, G, bq]
+            p = jnp.exp(s - mx_new[..., None]) * allowed
+            corr = jnp.exp(mx - mx_new)
+            l = l * corr + p.sum(-1)
+            if use_dropout:
+                key = jax.random.fold_in(jax.random.fold_in(dropout_rng, qi), ki)
+                keep = jax.random.bernoulli(key, 1.0 - dropout_rate, p.shape)
+                p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
+            acc = acc * corr[..., None] + jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v_blk,
+                                                     preferred_element_type=jnp.float32)
+            return (mx_new, l, acc), None
+
+        init = (
+            jnp.full((b, kvh, g, bq), NEG_INF, jnp.float32),
+            jnp.zeros((b, kvh, g, bq), jnp.float32),
+            jnp.zeros((b, kvh, g, bq, h), jnp.float32),
+        )
+        (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(nk))
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # rows that see nothing stay zero
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, bq, n, h)  # [B, bq, N, H]
+
+    blocks = jax.lax.map(one_query_block, jnp.arange(nq))  # [nq, B, bq, N, H]
+    out = blocks.transpose(1, 0, 2, 3, 4).reshape(b, tp, n, h)[:, :t]
+    return out.astype(q.dtype)
+
+
+def attend(q, k, v, mask: AttentionMask, *, kernel: str, bias=None, scale: float, block_size: int = 512,
+           dropout_rate: float = 0.0, dropout_rng=None) -> jax.Array:
+    """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H] with the chosen kernel.
+
+    `bias` is None, an array [B|1, N, T, S], or a function of (q positions, kv positions) returning one.
+    Dropout on the attention probabilities is applied when `dropout_rng` is given (training).
+    """
+    if kernel == "reference":
+        return reference_attention(q, k, v, mask, bias=bias, scale=scale, dropout_rate=dropout_rate,
+                                   dropout_rng=dropout_rng)
+    if kernel == "dot_product":
+        return dot_product_attention(q, k, v, mask, bias=bias, scale=scale)
+    if kernel == "blockwise":
+        return blockwise_attention(q, k, v, mask, bias=bias, scale=scale, block_size=block_size,
+                                   dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    raise ValueError(f"model.attention_kernel: unknown kernel {kernel!r}; choose reference, dot_product or blockwise")
+
+
+# ------------------------------------------------------------------------------------------------ module
+class Attention(nnx.Module):
+    """Projections around `attend`. Self-attention when `context` is None, cross-attention otherwise."""
+
+    def __init__(self, cfg: ModelConfig, *, cross: bool = False, rngs: nnx.Rngs, out_init_std: float | None = None):
+        self.cfg, self.cross = cfg, cross
+        n, kvh, h, d = cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.d_model
+
+        def proj(name, in_shape, out_shape, axes, std):
+            return Linear(
+                in_shape, out_shape, axes=axes, use_bias=cfg.use_bias, init_std=std, dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype, lora_rank=cfg.lora_rank if name in cfg.lora_targets else 0,
+                lora_alpha=cfg.lora_alpha, rngs=rngs,
+            )
+
+        self.q = proj("q", d, (n, h), ("embed", "heads", "head_dim"), cfg.init_std)
+        self.k = proj("k", d, (kvh, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
+        self.v = proj("v", d, (kvh, h), ("embed", "kv_heads", "head_dim"), cfg.init_std)
+        self.o = proj("o", (n, h), d, ("heads", "head_dim", "embed"), out_init_std or cfg.init_std)
+        self.scale = 1.0 / math.sqrt(h) if cfg.scale_attention else 1.0
+        self.rope = cfg.position == "rope" and not cross
+        self.dropout_rate = cfg.attention_dropout_rate
+        self.rngs = rngs.fork() if cfg.attention_dropout_rate > 0 else None
+
+    def kv(self, context: jax.Array, positions: jax.Array):
+        """Project (and rotate) keys and values: [B, S, D] -> 2 x [B, S, K, H]."""
+        k, v = self.k(context), self.v(context)
+        if self.rope:
+            k = apply_rope(k, positions, self.cfg.rope_theta)
+        return k, v
+
+    def cross_cache(self, context, segment_ids, positions) -> KVCache:
+        """Cross-attention keys/values of the encoder output, computed once for decoding."""
+        k, v = self.kv(context, positions)
+        b, s = segment_ids.shape
+        return KVCache(k, v, segment_ids, positions, jnp.zeros((b, s), bool), jnp.asarray(s, jnp.int32))
+
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, D]
+        segment_ids: jax.Array,  # [B, T]
+        positions: jax.Array,  # [B, T]
+        *,
+        causal: bool = False,
+        prefix: jax.Array | None = None,  # [B, T] bool, keys in the bidirectional prefix (self-attention)
+        context: jax.Array | None = None,  # [B, S, D] encoder output (cross-attention)
+        context_segment_ids: jax.Array | None = None,
+        context_positions: jax.Array | None = None,
+        bias: jax.Array | BiasFn | None = None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, KVCache | None]:
+        q = self.q(x)  # [B, T, N, H]
+        if self.rope:
+            q = apply_rope(q, positions, self.cfg.rope_theta)
+        if self.cross:
+            if cache is not None:  # encoder K/V computed once by cross_cache
+                k, v = cache.k, cache.v
+                kv_seg, kv_pos = cache.segment_ids, cache.positions
+            else:
+                k, v = self.kv(context, context_positions)
+                kv_seg, kv_pos = context_segment_ids, context_positions
+            mask = AttentionMask(segment_ids, kv_seg, positions, kv_pos, None, causal=False)
+        else:
+            k, v = self.kv(x, positions)
+            kv_prefix = prefix
+            if cache is not None:
+                pre = prefix if prefix is not None else jnp.zeros(segment_ids.shape, bool)
+                cache = cache.append(k, v, segment_ids, positions, pre)
+                k, v = cache.k, cache.v
+                segment_kv, positions_kv, kv_prefix = cache.segment_ids, cache.positions, cache.prefix
+            else:
+                segment_kv, positions_kv = segment_ids, positions
+            mask = AttentionMask(segment_ids, segment_kv, positions, positions_kv, kv_prefix, causal=causal)
+        dropout_rng = None
+        if not deterministic and self.dropout_rate > 0:
+            dropout_rng = self.rngs.dropout()
+        out = attend(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask, kernel=self.cfg.attention_kernel, bias=bias,
+            scale=self.scale, block_size=self.cfg.attention_block_size, dropout_rate=self.dropout_rate,
+            dropout_rng=dropout_rng,
+        )
+        return self.o(out), cache

@@ -1,0 +1,248 @@
+"""Building blocks shared by every family: Linear (with optional LoRA), embeddings, norms, MLPs, positions.
+
+Every parameter carries `logical_axes` metadata (names such as 'embed', 'heads', 'mlp', 'vocab');
+llmjax.sharding maps those names to mesh axes, so parallelism is a config change only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llmjax.models.config import ACTIVATIONS, ModelConfig
+
+Shape = tuple[int, ...]
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def _as_shape(x: int | Sequence[int]) -> Shape:
+    return (x,) if isinstance(x, int) else tuple(x)
+
+
+def normal_init(std: float):
+    return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
+
+
+class Linear(nnx.Module):
+    """y = x W + b with W of shape `in_shape + out_shape` (e.g. [D, N, H] for a query projection),
+    computed as one 2-D matmul [rows, prod(in)] @ [prod(in), prod(out)], which XLA runs fastest.
+
+    With `lora_rank > 0` the base weight is frozen (no gradient flows into it) and a low-rank update
+    (alpha / rank) * x A B is added, with B zero-initialised so the adapted layer starts equal to the base.
+    """
+
+    def __init__(
+        self,
+        in_shape: int | Sequence[int],
+        out_shape: int | Sequence[int],
+        *,
+        axes: Sequence[str | None],
+        use_bias: bool,
+        init_std: float,
+        dtype: str = "float32",
+        param_dtype: str = "float32",
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        rngs: nnx.Rngs,
+    ):
+        self.in_shape, self.out_shape = _as_shape(in_shape), _as_shape(out_shape)
+        if len(axes) != len(self.in_shape) + len(self.out_shape):
+            raise ValueError(f"Linear: {len(axes)} axis names for a kernel of rank {len(self.in_shape) + len(self.out_shape)}")
+        self.dtype = dtype_of(dtype)
+        pdt = dtype_of(param_dtype)
+        key = rngs.params()
+        self.kernel = nnx.Param(normal_init(init_std)(key, self.in_shape + self.out_shape, pdt), logical_axes=tuple(axes))
+        out_axes = tuple(axes[len(self.in_shape):])
+        self.bias = nnx.Param(jnp.zeros(self.out_shape, pdt), logical_axes=out_axes) if use_bias else None
+        self.lora_rank = lora_rank
+        if lora_rank:
+            n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
+            self.lora_scale = lora_alpha / lora_rank
+            self.lora_a = nnx.LoRAParam(
+                # Drawn from the kernel's key, so adding adapters leaves every base weight's init unchanged.
+                normal_init(1.0 / math.sqrt(n_in))(jax.random.fold_in(key, 1), (n_in, lora_rank), pdt),
+                logical_axes=(None, None),
+            )
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora_rank, n_out), pdt), logical_axes=(None, None))
+        else:
+            self.lora_a = self.lora_b = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        if x.shape[x.ndim - n_in:] != self.in_shape:
+            raise ValueError(f"Linear expects trailing dims {self.in_shape}, got input of shape {x.shape}")
+        lead = x.shape[: x.ndim - n_in]
+        k_in, k_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        x2 = x.reshape(-1, k_in).astype(self.dtype)  # [rows, in]
+        w = self.kernel[...]
+        if self.lora_rank:
+            w = jax.lax.stop_gradient(w)  # frozen base: only the adapter trains
+        y = x2 @ w.reshape(k_in, k_out).astype(self.dtype)  # [rows, out]
+        if self.lora_rank:
+            a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
+            y = y + ((x2 @ a) @ b) * self.lora_scale
+        if self.bias is not None:
+            y = y + self.bias[...].reshape(k_out).astype(self.dtype)
+        return y.reshape(*lead, *self.out_shape)
+
+    def merged_kernel(self) -> jax.Array:
+        """The base kernel with the LoRA update folded in (for merging adapters)."""
+        w = self.kernel[...]
+        if not self.lora_rank:
+            return w
+        delta = (self.lora_a[...] @ self.lora_b[...]) * self.lora_scale
+        return w + delta.reshape(w.shape).astype(w.dtype)
+
+
+class Embed(nnx.Module):
+    """A [num, D] table: lookup by id, and `attend` for logits tied to the table."""
+
+    def __init__(self, num: int, dim: int, *, axes=("vocab", "embed"), init_std: float, dtype, param_dtype, rngs):
+        self.dtype = dtype_of(dtype)
+        self.embedding = nnx.Param(
+            normal_init(init_std)(rngs.params(), (num, dim), dtype_of(param_dtype)), logical_axes=tuple(axes)
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
+        table = self.embedding[...].astype(self.dtype)
+        lead = x.shape[:-1]
+        return (x.reshape(-1, x.shape[-1]).astype(self.dtype) @ table.T).reshape(*lead, table.shape[0])
+
+
+class Norm(nnx.Module):
+    """LayerNorm or RMSNorm (T5/Llama: no mean subtraction, no offset), computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, dim: int | None = None):
+        dim = dim or cfg.d_model
+        pdt = dtype_of(cfg.param_dtype)
+        self.kind, self.eps, self.dtype = cfg.norm, cfg.norm_eps, dtype_of(cfg.dtype)
+        self.scale = nnx.Param(jnp.ones((dim,), pdt), logical_axes=("embed",))
+        with_bias = cfg.norm == "layernorm" and cfg.norm_bias
+        self.bias = nnx.Param(jnp.zeros((dim,), pdt), logical_axes=("embed",)) if with_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x32 = x32 - x32.mean(-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def activation_fn(name: str):
+    act = ACTIVATIONS[name][0]
+    return {
+        "relu": jax.nn.relu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "silu": jax.nn.silu,
+    }[act]
+
+
+class MLP(nnx.Module):
+    """Position-wise feed-forward: wo(act(wi x)), or gated wo(act(wi_0 x) * wi_1 x) (SwiGLU, GeGLU)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, out_init_std: float | None = None):
+        lora = cfg.lora_rank if "mlp" in cfg.lora_targets else 0
+        common = dict(
+            use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora_rank=lora,
+            lora_alpha=cfg.lora_alpha, rngs=rngs,
+        )
+        self.act = activation_fn(cfg.activation)
+        self.gated = cfg.gated
+        if self.gated:
+            self.wi_0 = Linear(cfg.d_model, cfg.mlp_dim, axes=("embed", "mlp"), init_std=cfg.init_std, **common)
+            self.wi_1 = Linear(cfg.d_model, cfg.mlp_dim, axes=("embed", "mlp"), init_std=cfg.init_std, **common)
+        else:
+            self.wi = Linear(cfg.d_model, cfg.mlp_dim, axes=("embed", "mlp"), init_std=cfg.init_std, **common)
+        self.wo = Linear(cfg.mlp_dim, cfg.d_model, axes=("mlp", "embed"), init_std=out_init_std or cfg.init_std, **common)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+        if self.gated:
+            h = self.act(self.wi_0(x)) * self.wi_1(x)  # [B, T, F]
+        else:
+            h = self.act(self.wi(x))
+        return self.wo(h)
+
+
+def sinusoidal_embedding(positions: jax.Array, dim: int, max_timescale: float = 10000.0) -> jax.Array:
+    """[B, T] integer positions -> [B, T, dim] float32: sin on the first half of the channels, cos on the second."""
+    half = dim // 2
+    inv_freq = jnp.exp(-math.log(max_timescale) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding on [B, T, N, H] with [B, T] positions, rotating the two halves of the
+    head dimension against each other (the Llama / GPT-NeoX layout), computed in float32."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : h // 2], x32[..., h // 2:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+    """T5's bucketing of key_position - query_position: exact buckets for small distances, logarithmic
+    buckets up to max_distance, one bucket beyond; with `bidirectional` half the buckets are for keys
+    after the query."""
+    ret = jnp.zeros_like(relative_position)
+    n = relative_position
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (n > 0).astype(n.dtype) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = -jnp.minimum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    n_safe = jnp.maximum(n, max_exact).astype(jnp.float32)  # log of 0 never evaluated where it matters
+    large = max_exact + (
+        jnp.log(n_safe / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).astype(n.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, large)
+
+
+class RelativePositionBias(nnx.Module):
+    """T5 relative position bias: a [buckets, N] table, owned by a layer stack and shared by its layers."""
+
+    def __init__(self, cfg: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+        self.bidirectional = bidirectional
+        self.num_buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
+        self.embedding = nnx.Param(
+            normal_init(cfg.init_std)(rngs.params(), (cfg.relative_buckets, cfg.num_heads), dtype_of(cfg.param_dtype)),
+            logical_axes=(None, "heads"),
+        )
+
+    def __call__(self, q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
+        """[B, T] and [B, S] positions -> [B, N, T, S] float32 bias."""
+        rel = kv_positions[:, None, :] - q_positions[:, :, None]  # [B, T, S]
+        buckets = relative_position_bucket(
+            rel, bidirectional=self.bidirectional, num_buckets=self.num_buckets, max_distance=self.max_distance
+        )
+        bias = jnp.take(self.embedding[...].astype(jnp.float32), buckets, axis=0)  # [B, T, S, N]
+        return bias.transpose(0, 3, 1, 2)
+
+
+def count_params(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))

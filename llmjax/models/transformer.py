@@ -1,0 +1,303 @@
+"""Blocks, layer stacks and the three families: EncoderOnly (BERT), DecoderOnly (GPT-2 / Llama), EncoderDecoder (T5).
+
+An encoder block is a decoder block without cross-attention and with a bidirectional mask; every
+attention goes through llmjax.models.attention. Shape letters: B batch, T length, D d_model, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llmjax.models.attention import Attention, KVCache
+from llmjax.models.config import ModelConfig
+from llmjax.models.layers import MLP, Embed, Linear, Norm, RelativePositionBias, activation_fn, sinusoidal_embedding
+
+
+def default_segments_positions(tokens, segment_ids=None, positions=None):
+    """No segment ids: one sequence per row, nothing padded. No positions: 0, 1, 2, ..."""
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return segment_ids, positions
+
+
+class Block(nnx.Module):
+    """Self-attention (+ cross-attention) + MLP, each a residual branch; pre-norm or post-norm."""
+
+    def __init__(self, cfg: ModelConfig, *, cross: bool, rngs: nnx.Rngs, num_layers: int):
+        self.pre = cfg.norm_position == "pre"
+        # GPT-2-style scaled init of the projections that write into the residual stream.
+        out_std = cfg.init_std / math.sqrt(2 * num_layers)
+        self.self_attn = Attention(cfg, rngs=rngs, out_init_std=out_std)
+        self.self_attn_norm = Norm(cfg)
+        if cross:
+            self.cross_attn = Attention(cfg, cross=True, rngs=rngs, out_init_std=out_std)
+            self.cross_attn_norm = Norm(cfg)
+        else:
+            self.cross_attn = self.cross_attn_norm = None
+        self.mlp = MLP(cfg, rngs=rngs, out_init_std=out_std)
+        self.mlp_norm = Norm(cfg)
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def _residual(self, x, norm, fn, deterministic):
+        if self.pre:
+            y, extra = fn(norm(x))
+            return x + self.dropout(y, deterministic=deterministic), extra
+        y, extra = fn(x)
+        return norm(x + self.dropout(y, deterministic=deterministic)), extra
+
+    def __call__(self, x, segment_ids, positions, *, causal, prefix=None, bias=None, context=None,
+                 context_segment_ids=None, context_positions=None, cache=None, cross_cache=None,
+                 deterministic=True):
+        x, cache = self._residual(
+            x, self.self_attn_norm,
+            lambda h: self.self_attn(h, segment_ids, positions, causal=causal, prefix=prefix, bias=bias,
+                                     cache=cache, deterministic=deterministic),
+            deterministic,
+        )
+        if self.cross_attn is not None:
+            x, _ = self._residual(
+                x, self.cross_attn_norm,
+                lambda h: self.cross_attn(h, segment_ids, positions, context=context,
+                                          context_segment_ids=context_segment_ids,
+                                          context_positions=context_positions, cache=cross_cache,
+                                          deterministic=deterministic),
+                deterministic,
+            )
+        x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None), deterministic)
+        return x, cache
+
+
+class Stack(nnx.Module):
+    """N blocks with the stack-level pieces: T5 relative bias (computed once per forward, shared by all
+    layers) and the final norm of pre-norm models."""
+
+    def __init__(self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
+        self.cfg, self.causal = cfg, causal
+        self.layers = nnx.List([Block(cfg, cross=cross, rngs=rngs, num_layers=num_layers) for _ in range(num_layers)])
+        self.relative_bias = (
+            RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs) if cfg.position == "relative" else None
+        )
+        self.final_norm = Norm(cfg) if cfg.norm_position == "pre" else None
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def __call__(self, x, segment_ids, positions, *, prefix=None, context=None, context_segment_ids=None,
+                 context_positions=None, caches=None, cross_caches=None, deterministic=True):
+        bias = None
+        if self.relative_bias is not None:
+            if self.cfg.attention_kernel == "blockwise":
+                bias = self.relative_bias  # evaluated per tile, never [T, S] at once
+            else:
+                kv_pos = positions if caches is None else caches[0].positions
+                if caches is not None:  # the keys are the cache slots: their positions after this write
+                    kv_pos = jax.lax.dynamic_update_slice_in_dim(kv_pos, positions, caches[0].index, axis=1)
+                bias = self.relative_bias(positions, kv_pos)  # [B, N, T, S], once for all layers
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            x, c = layer(
+                x, segment_ids, positions, causal=self.causal, prefix=prefix, bias=bias, context=context,
+                context_segment_ids=context_segment_ids, context_positions=context_positions,
+                cache=None if caches is None else caches[i],
+                cross_cache=None if cross_caches is None else cross_caches[i], deterministic=deterministic,
+            )
+            new_caches.append(c)
+        if self.final_norm is not None:
+            x = self.dropout(self.final_norm(x), deterministic=deterministic)
+        return x, (new_caches if caches is not None else None)
+
+
+class Embedder(nnx.Module):
+    """Token (+ learned or sinusoidal position) (+ token-type) embeddings, with the embedding norm of
+    post-norm models (BERT) and embedding dropout."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        common = dict(init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.tokens = Embed(cfg.vocab_size, cfg.d_model, axes=("vocab", "embed"), **common)
+        self.positions = (
+            Embed(cfg.max_length, cfg.d_model, axes=(None, "embed"), **common) if cfg.position == "learned" else None
+        )
+        self.token_types = (
+            Embed(cfg.type_vocab_size, cfg.d_model, axes=(None, "embed"), **common) if cfg.type_vocab_size else None
+        )
+        self.norm = Norm(cfg) if cfg.norm_position == "post" else None
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def __call__(self, tokens, positions, token_type_ids=None, deterministic=True):
+        x = self.tokens(tokens)  # [B, T, D]
+        if self.positions is not None:
+            x = x + self.positions(positions)
+        elif self.cfg.position == "sinusoidal":
+            x = x + sinusoidal_embedding(positions, self.cfg.d_model).astype(x.dtype)
+        if self.token_types is not None:
+            tt = jnp.zeros_like(tokens) if token_type_ids is None else token_type_ids
+            x = x + self.token_types(tt)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.dropout(x, deterministic=deterministic)
+
+
+class LMHead(nnx.Module):
+    """Logits over the vocabulary: tied to the token embedding, or a separate projection."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, use_bias: bool = False):
+        self.scale = cfg.d_model ** -0.5 if cfg.scale_tied_logits else 1.0
+        self.proj = None if cfg.tie_embeddings else Linear(
+            cfg.d_model, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False, init_std=cfg.init_std,
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.dtype(cfg.param_dtype)), logical_axes=("vocab",)) \
+            if use_bias else None
+
+    def __call__(self, x, embedder: Embedder) -> jax.Array:  # [B, T, D] -> [B, T, V] float32
+        x = x * self.scale if self.scale != 1.0 else x
+        logits = self.proj(x) if self.proj is not None else embedder.tokens.attend(x)
+        if self.bias is not None:
+            logits = logits + self.bias[...].astype(logits.dtype)
+        return logits.astype(jnp.float32)
+
+
+class DecoderOnly(nnx.Module):
+    """GPT-2 / Llama style causal decoder; a prefix mask turns it into a non-causal (prefix LM) decoder."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.family != "decoder":
+            raise ValueError(f"DecoderOnly needs model.family='decoder', got {cfg.family!r}")
+        self.cfg = cfg
+        self.embedder = Embedder(cfg, rngs=rngs)
+        self.decoder = Stack(cfg, cfg.num_layers, causal=True, cross=False, rngs=rngs)
+        self.lm_head = LMHead(cfg, rngs=rngs)
+
+    def __call__(self, tokens, segment_ids=None, positions=None, *, prefix_mask=None, cache=None,
+                 deterministic=True):
+        """tokens [B, T] -> logits [B, T, V] (and the updated cache when one is given).
+
+        segment_ids: packed documents 1, 2, ..., padding 0; positions restart per document;
+        prefix_mask: True on tokens of the bidirectionally visible prefix (prefix LM)."""
+        segment_ids, positions = default_segments_positions(tokens, segment_ids, positions)
+        x = self.embedder(tokens, positions, deterministic=deterministic)
+        x, cache = self.decoder(x, segment_ids, positions, prefix=prefix_mask, caches=cache,
+                                deterministic=deterministic)
+        logits = self.lm_head(x, self.embedder)
+        return (logits, cache) if cache is not None else logits
+
+    def init_cache(self, batch: int, length: int) -> list[KVCache]:
+        c = self.cfg
+        return [KVCache.empty(batch, length, c.kv_heads, c.head_size, jnp.dtype(c.dtype)) for _ in range(c.num_layers)]
+
+
+class EncoderOnly(nnx.Module):
+    """BERT: bidirectional encoder with the MLM head (transform + norm + tied decoder + bias), a pooler
+    for NSP / sequence classification, and an optional token-classification head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.family != "encoder":
+            raise ValueError(f"EncoderOnly needs model.family='encoder', got {cfg.family!r}")
+        self.cfg = cfg
+        lin = dict(use_bias=True, init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.embedder = Embedder(cfg, rngs=rngs)
+        self.encoder = Stack(cfg, cfg.num_layers, causal=False, cross=False, rngs=rngs)
+        self.mlm_transform = Linear(cfg.d_model, cfg.d_model, axes=("embed", "mlp"), **lin)
+        self.mlm_norm = Norm(cfg)
+        self.mlm_act = activation_fn(cfg.activation)
+        self.lm_head = LMHead(cfg, rngs=rngs, use_bias=True)
+        self.pooler = Linear(cfg.d_model, cfg.d_model, axes=("embed", "mlp"), **lin) if cfg.pooler else None
+        self.nsp = Linear(cfg.d_model, 2, axes=("embed", None), **lin) if cfg.pooler else None
+        self.classifier = Linear(cfg.d_model, cfg.num_labels, axes=("embed", None), **lin) if cfg.num_labels else None
+        self.tagger = Linear(cfg.d_model, cfg.num_tags, axes=("embed", None), **lin) if cfg.num_tags else None
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def encode(self, tokens, segment_ids=None, positions=None, token_type_ids=None, deterministic=True):
+        segment_ids, positions = default_segments_positions(tokens, segment_ids, positions)
+        x = self.embedder(tokens, positions, token_type_ids, deterministic=deterministic)
+        x, _ = self.encoder(x, segment_ids, positions, deterministic=deterministic)
+        return x  # [B, T, D]
+
+    def mlm_logits(self, hidden) -> jax.Array:  # [B, T, D] -> [B, T, V]
+        return self.lm_head(self.mlm_norm(self.mlm_act(self.mlm_transform(hidden))), self.embedder)
+
+    def pooled(self, hidden, segment_ids=None) -> jax.Array:
+        """tanh(W h) of the first token of each row ([CLS]) -> [B, D]."""
+        return jnp.tanh(self.pooler(hidden[:, 0]))
+
+    def __call__(self, tokens, segment_ids=None, positions=None, token_type_ids=None, deterministic=True):
+        """-> dict with hidden [B,T,D], mlm_logits [B,T,V], and when present pooled [B,D], nsp_logits [B,2],
+        class_logits [B,num_labels], tag_logits [B,T,num_tags]."""
+        hidden = self.encode(tokens, segment_ids, positions, token_type_ids, deterministic)
+        out = {"hidden": hidden, "mlm_logits": self.mlm_logits(hidden)}
+        if self.pooler is not None:
+            pooled = self.pooled(hidden)
+            out["pooled"] = pooled
+            out["nsp_logits"] = self.nsp(pooled).astype(jnp.float32)
+            if self.classifier is not None:
+                out["class_logits"] = self.classifier(self.dropout(pooled, deterministic=deterministic)).astype(jnp.float32)
+        if self.tagger is not None:
+            out["tag_logits"] = self.tagger(self.dropout(hidden, deterministic=deterministic)).astype(jnp.float32)
+        return out
+
+
+class EncoderDecoder(nnx.Module):
+    """T5: encoder and causal decoder with cross-attention, sharing one token embedding."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.family != "encoder_decoder":
+            raise ValueError(f"EncoderDecoder needs model.family='encoder_decoder', got {cfg.family!r}")
+        self.cfg = cfg
+        self.embedder = Embedder(cfg, rngs=rngs)
+        self.encoder = Stack(cfg, cfg.num_layers, causal=False, cross=False, rngs=rngs)
+        self.decoder = Stack(cfg, cfg.decoder_layers, causal=True, cross=True, rngs=rngs)
+        self.lm_head = LMHead(cfg, rngs=rngs)
+
+    def encode(self, tokens, segment_ids=None, positions=None, deterministic=True):
+        segment_ids, positions = default_segments_positions(tokens, segment_ids, positions)
+        x = self.embedder(tokens, positions, deterministic=deterministic)
+        x, _ = self.encoder(x, segment_ids, positions, deterministic=deterministic)
+        return x
+
+    def decode(self, tokens, encoded, encoder_segment_ids=None, encoder_positions=None, segment_ids=None,
+               positions=None, *, cache=None, cross_cache=None, deterministic=True):
+        """Decoder logits [B, T, V] given the encoder output [B, S, D] (or its cross_cache)."""
+        segment_ids, positions = default_segments_positions(tokens, segment_ids, positions)
+        if encoded is not None:
+            encoder_segment_ids, encoder_positions = default_segments_positions(
+                encoded[..., 0], encoder_segment_ids, encoder_positions)
+        x = self.embedder(tokens, positions, deterministic=deterministic)
+        x, cache = self.decoder(
+            x, segment_ids, positions, context=encoded, context_segment_ids=encoder_segment_ids,
+            context_positions=encoder_positions, caches=cache, cross_caches=cross_cache, deterministic=deterministic,
+        )
+        logits = self.lm_head(x, self.embedder)
+        return (logits, cache) if cache is not None else logits
+
+    def __call__(self, encoder_tokens, decoder_tokens, encoder_segment_ids=None, decoder_segment_ids=None,
+                 encoder_positions=None, decoder_positions=None, deterministic=True):
+        encoder_segment_ids, encoder_positions = default_segments_positions(
+            encoder_tokens, encoder_segment_ids, encoder_positions)
+        encoded = self.encode(encoder_tokens, encoder_segment_ids, encoder_positions, deterministic)
+        return self.decode(decoder_tokens, encoded, encoder_segment_ids, encoder_positions, decoder_segment_ids,
+                           decoder_positions, deterministic=deterministic)
+
+    def init_cache(self, batch: int, length: int, encoded, encoder_segment_ids=None, encoder_positions=None):
+        """Empty self-attention caches and the cross-attention K/V of `encoded`, computed once."""
+        c = self.cfg
+        encoder_segment_ids, encoder_positions = default_segments_positions(
+            encoded[..., 0], encoder_segment_ids, encoder_positions)
+        self_caches = [KVCache.empty(batch, length, c.kv_heads, c.head_size, jnp.dtype(c.dtype))
+                       for _ in range(c.decoder_layers)]
+        cross = [layer.cross_attn.cross_cache(encoded, encoder_segment_ids, encoder_positions)
+                 for layer in self.decoder.layers]
+        return self_caches, cross
+
+
+FAMILY_CLASSES = {"decoder": DecoderOnly, "encoder": EncoderOnly, "encoder_decoder": EncoderDecoder}
+
+
+def build_model(cfg: ModelConfig, rngs: nnx.Rngs | int = 0):
+    """The family module for `cfg`, initialised from `rngs` (an int seeds both params and dropout)."""
+    if isinstance(rngs, int):
+        rngs = nnx.Rngs(params=rngs, dropout=rngs + 1)
+    return FAMILY_CLASSES[cfg.family](cfg, rngs=rngs)
