@@ -4,7 +4,7 @@ from llmjax.config import base_config
 
 
 def get_config():
-    return base_config(
+    cfg = base_config(
         objective="mlm",
         family="encoder",
         vocab_size=30522,
@@ -23,3 +23,9 @@ def get_config():
         dropout_rate=0.1,
         attention_dropout_rate=0.1,
     )
+    cfg.train.update(steps=1_000_000, batch_size=256, seq_length=512, eval_every=10_000)
+    cfg.optim.update(learning_rate=1e-4, warmup_steps=10_000, schedule="linear", min_lr_ratio=0.0, b2=0.999,
+                     weight_decay=0.01)
+    cfg.objective_args = {"nsp": True}
+    cfg.mesh.update(data=1, fsdp=-1)
+    return cfg

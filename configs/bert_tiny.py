@@ -7,7 +7,7 @@ from llmjax.config import base_config
 
 
 def get_config():
-    return base_config(
+    cfg = base_config(
         objective="mlm",
         family="encoder",
         vocab_size=8192,
@@ -24,3 +24,6 @@ def get_config():
         type_vocab_size=2,
         tie_embeddings=True,
     )
+    cfg.train.update(steps=300, batch_size=16, seq_length=128)
+    cfg.optim.update(learning_rate=1e-3, warmup_steps=30, b2=0.98)
+    return cfg

@@ -4,7 +4,7 @@ from llmjax.config import base_config
 
 
 def get_config():
-    return base_config(
+    cfg = base_config(
         objective="causal_lm",
         family="decoder",
         vocab_size=50257,
@@ -22,3 +22,7 @@ def get_config():
         dropout_rate=0.1,
         attention_dropout_rate=0.1,
     )
+    cfg.train.update(steps=600_000, batch_size=480, seq_length=1024, micro_batches=1, eval_every=2000)
+    cfg.optim.update(learning_rate=6e-4, warmup_steps=2000, min_lr_ratio=0.1, b2=0.95, weight_decay=0.1)
+    cfg.mesh.update(data=1, fsdp=-1)
+    return cfg

@@ -7,7 +7,7 @@ from llmjax.config import base_config
 
 
 def get_config():
-    return base_config(
+    cfg = base_config(
         objective="causal_lm",
         family="decoder",
         vocab_size=8192,
@@ -22,3 +22,6 @@ def get_config():
         max_length=256,
         tie_embeddings=True,
     )
+    cfg.train.update(steps=300, batch_size=16, seq_length=128, log_every=10, eval_every=100)
+    cfg.optim.update(learning_rate=2e-3, warmup_steps=30, schedule="cosine")
+    return cfg

@@ -6,7 +6,7 @@ from llmjax.config import base_config
 
 
 def get_config():
-    return base_config(
+    cfg = base_config(
         objective="causal_lm",
         family="decoder",
         vocab_size=128256,
@@ -26,3 +26,8 @@ def get_config():
         max_length=8192,
         tie_embeddings=True,
     )
+    cfg.train.update(steps=100_000, batch_size=512, seq_length=2048, eval_every=5000)
+    cfg.optim.update(learning_rate=3e-4, warmup_steps=2000, b2=0.95, weight_decay=0.1)
+    cfg.model.update(dtype="bfloat16", remat="save_dots")
+    cfg.mesh.update(data=1, fsdp=-1)
+    return cfg

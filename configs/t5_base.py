@@ -4,7 +4,7 @@ from llmjax.config import base_config
 
 
 def get_config():
-    return base_config(
+    cfg = base_config(
         objective="span_corruption",
         family="encoder_decoder",
         vocab_size=32128,
@@ -27,3 +27,9 @@ def get_config():
         scale_tied_logits=True,
         dropout_rate=0.1,
     )
+    # T5's recipe: Adafactor with the inverse-square-root schedule, 2^18 steps of 128 x 512 tokens.
+    cfg.train.update(steps=262_144, batch_size=128, seq_length=512, eval_every=10_000)
+    cfg.optim.update(optimizer="adafactor", learning_rate=0.01, schedule="rsqrt", warmup_steps=10_000,
+                     weight_decay=0.0, clip_norm=0.0)
+    cfg.mesh.update(data=1, fsdp=-1)
+    return cfg

@@ -7,7 +7,7 @@ from llmjax.config import base_config
 
 
 def get_config():
-    return base_config(
+    cfg = base_config(
         objective="span_corruption",
         family="encoder_decoder",
         vocab_size=8192,
@@ -28,3 +28,6 @@ def get_config():
         scale_attention=False,
         tie_embeddings=False,
     )
+    cfg.train.update(steps=300, batch_size=16, seq_length=128)
+    cfg.optim.update(learning_rate=1e-3, warmup_steps=30)
+    return cfg

@@ -16,12 +16,23 @@ OBJECTIVES = ("causal_lm", "prefix_lm", "mlm", "span_corruption")
 
 
 def base_config(*, objective: str, **model) -> ml_collections.ConfigDict:
-    """A run config with the model section filled from `model` (ModelConfig fields) and the objective."""
+    """A complete run config: the model section from `model` (ModelConfig fields), the objective, and the
+    defaults of every other section (data, train, optim, mesh, sharding) for the config file to adjust."""
+    from llmjax import sharding, train
+    from llmjax.data.prepare import default_data_config
+
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective: unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     cfg = ml_collections.ConfigDict()
     cfg.model = model_config_dict(**model)
     cfg.objective = objective
+    cfg.objective_args = ml_collections.ConfigDict({}, type_safe=False)  # fields of the objective's config class
+    cfg.data = default_data_config()
+    cfg.data.vocab_size = cfg.model.vocab_size
+    cfg.train = train.default_train_config()
+    cfg.optim = train.default_optim_config()
+    cfg.mesh = sharding.mesh_config()
+    cfg.sharding = ml_collections.ConfigDict({"rules": [list(r) for r in sharding.DEFAULT_RULES]})
     return cfg
 
 

@@ -1,5 +1,7 @@
 """The attention core: the three kernels agree on every mask kind, values and gradients; masks mean what they say."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,10 +60,10 @@ def test_kernels_match_reference(kind, kv_heads):
     t, s = (T, S) if kind == "cross" else (T, T)
     q, k, v = _qkv(jax.random.key(1), t, s, N, kv_heads)
     mask = _mask("padding" if kind == "cross" else kind, t, s, rng)
-    ref = attend(q, k, v, mask, kernel="reference", scale=0.3)
+    ref = jax.jit(functools.partial(attend, kernel="reference", scale=0.3))(q, k, v, mask)
     assert np.isfinite(np.asarray(ref)).all()
     for kernel, kw in [("dot_product", {}), ("blockwise", dict(block_size=8)), ("blockwise", dict(block_size=16))]:
-        out = attend(q, k, v, mask, kernel=kernel, scale=0.3, **kw)
+        out = jax.jit(functools.partial(attend, kernel=kernel, scale=0.3, **kw))(q, k, v, mask)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5, err_msg=f"{kernel} {kw}")
 
 
@@ -82,8 +84,9 @@ def test_kernels_match_reference_with_bias_and_gradients(kernel):
         return jnp.sum(out * w)
 
     table = jax.random.normal(jax.random.key(5), (32, N))
-    ref_val, ref_grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, table, "reference")
-    val, grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, table, kernel)
+    grad = lambda kern: jax.jit(jax.value_and_grad(functools.partial(loss, kernel=kern), argnums=(0, 1, 2, 3)))
+    ref_val, ref_grads = grad("reference")(q, k, v, table)
+    val, grads = grad(kernel)(q, k, v, table)
     np.testing.assert_allclose(val, ref_val, rtol=1e-5)
     for g, rg, name in zip(grads, ref_grads, "qkvb"):
         np.testing.assert_allclose(np.asarray(g), np.asarray(rg), atol=1e-4, rtol=1e-4, err_msg=name)
@@ -114,8 +117,9 @@ def test_attention_dropout_changes_output_and_keeps_expectation():
     mask = _mask("bidirectional", 16, 16, np.random.default_rng(0))
     base = attend(q, k, v, mask, kernel="reference", scale=0.3)
     for kernel in ("reference", "blockwise"):
-        outs = [attend(q, k, v, mask, kernel=kernel, scale=0.3, block_size=8, dropout_rate=0.3,
-                       dropout_rng=jax.random.key(i)) for i in range(200)]
-        assert not np.allclose(outs[0], base)
+        one = lambda key: attend(q, k, v, mask, kernel=kernel, scale=0.3, block_size=8, dropout_rate=0.3,
+                                 dropout_rng=key)
+        outs = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(0), 200))  # 200 dropout draws at once
+        assert not np.allclose(outs[0], base) and not np.allclose(outs[0], outs[1])
         # Inverted dropout is unbiased: the mean over many draws approaches the deterministic output.
         np.testing.assert_allclose(np.mean(outs, 0), base, atol=0.15)

@@ -27,6 +27,8 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "rope", "relative", "none")
 KERNELS = ("reference", "dot_product", "blockwise")
+# Rematerialisation of each block in the backward pass: keep nothing, or keep only matmul outputs.
+REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
 LORA_TARGETS = ("q", "k", "v", "o", "mlp")
 
@@ -68,6 +70,7 @@ class ModelConfig:
     attention_dropout_rate: float = 0.0
     attention_kernel: str = "reference"
     attention_block_size: int = 512  # key/query block of the blockwise kernel
+    remat: str = "none"  # none | full | save_dots (recompute each block in the backward pass)
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -133,6 +136,7 @@ class ModelConfig:
         choice("norm_position", NORM_POSITIONS)
         choice("position", POSITIONS)
         choice("attention_kernel", KERNELS)
+        choice("remat", REMAT_POLICIES)
         choice("dtype", DTYPES)
         choice("param_dtype", DTYPES)
         for field in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_length"):

@@ -99,6 +99,10 @@ class Stack(nnx.Module):
                 bias = self.relative_bias(positions, kv_pos)  # [B, N, T, S], once for all layers
         new_caches = []
         for i, layer in enumerate(self.layers):
+            if caches is None and self.cfg.remat != "none":
+                x = self._remat_layer(layer, x, segment_ids, positions, prefix, bias, context,
+                                      context_segment_ids, context_positions, deterministic)
+                continue
             x, c = layer(
                 x, segment_ids, positions, causal=self.causal, prefix=prefix, bias=bias, context=context,
                 context_segment_ids=context_segment_ids, context_positions=context_positions,
@@ -109,6 +113,32 @@ class Stack(nnx.Module):
         if self.final_norm is not None:
             x = self.dropout(self.final_norm(x), deterministic=deterministic)
         return x, (new_caches if caches is not None else None)
+
+
+    def _remat_layer(self, layer, x, segment_ids, positions, prefix, bias, context, context_segment_ids,
+                     context_positions, deterministic):
+        """One block under jax.checkpoint: its activations are recomputed in the backward pass.
+        (Split/merge by hand: the layer's dropout RNG state must flow out of the checkpointed function.)"""
+        policy = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[self.cfg.remat]
+        graphdef, state = nnx.split(layer)
+        causal = self.causal
+
+        def body(state, x, segment_ids, positions, prefix, bias, context, context_segment_ids, context_positions):
+            block = nnx.merge(graphdef, state)
+            out, _ = block(x, segment_ids, positions, causal=causal, prefix=prefix, bias=bias, context=context,
+                           context_segment_ids=context_segment_ids, context_positions=context_positions,
+                           deterministic=deterministic)
+            return out, jax.tree.leaves(nnx.state(block))  # plain arrays: Variables must not leave the trace
+
+        if isinstance(bias, nnx.Module):  # the blockwise kernel's bias function: pass its table through too
+            bias_def, bias_state = nnx.split(bias)
+            inner = body
+            body = lambda state, x, s, p, pre, bstate, *rest: inner(state, x, s, p, pre, nnx.merge(bias_def, bstate), *rest)
+            bias = bias_state
+        out, leaves = jax.checkpoint(body, policy=policy, prevent_cse=True)(
+            state, x, segment_ids, positions, prefix, bias, context, context_segment_ids, context_positions)
+        nnx.update(layer, jax.tree.unflatten(jax.tree.structure(state), leaves))
+        return out
 
 
 class Embedder(nnx.Module):

@@ -1,0 +1,72 @@
+"""`llmjax <command> --config FILE [--config.a.b=value ...]`: the command line, kept thin.
+
+Commands: prepare (tokenizer + token shards), train (the main job). Overrides use ml_collections' dotted syntax.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+COMMANDS = ("prepare", "train")
+
+
+def _parse(argv: list[str]):
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)", flag_values=fv,
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "run directory (prepared data goes to WORKDIR/data by default)", flag_values=fv)
+    saved = sys.argv
+    sys.argv = argv  # config_flags finds the --config.x overrides by reading sys.argv
+    try:
+        fv(argv)
+    except flags.Error as e:
+        raise SystemExit(f"llmjax: {e}")
+    except (AttributeError, KeyError) as e:  # an override naming a field the config does not have
+        bad = [a for a in argv if a.startswith("--config.")]
+        raise SystemExit(f"llmjax: unknown config field {e} in {' '.join(bad)}; see the config file for the fields")
+    finally:
+        sys.argv = saved
+    if fv.config is None:
+        raise SystemExit("llmjax: --config is required, e.g. --config configs/gpt_tiny.py")
+    return fv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        print(f"usage: llmjax {{{'|'.join(COMMANDS)}}} --config FILE [--config.x=y ...] [--workdir DIR]",
+              file=sys.stderr)
+        return 2
+    command = argv[1]
+    fv = _parse([argv[0]] + argv[2:])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = fv.config
+    if command == "prepare":
+        from llmjax.data.prepare import prepare
+
+        if cfg.data.vocab_size != cfg.model.vocab_size:
+            raise SystemExit(
+                f"llmjax: data.vocab_size={cfg.data.vocab_size} differs from model.vocab_size={cfg.model.vocab_size}; "
+                "set both to the same value")
+        manifest = prepare(cfg.data, fv.workdir)
+        splits = manifest["splits"]
+        print(f"prepared data in {manifest['dir']}: "
+              + ", ".join(f"{k}: {v['documents']} documents, {v['tokens']} tokens" for k, v in splits.items()))
+    elif command == "train":
+        from llmjax.train import train_and_evaluate
+
+        if not fv.workdir:
+            raise SystemExit("llmjax: train needs --workdir DIR (config, metrics, plots and checkpoints go there)")
+        import jax
+
+        logging.info("JAX %s devices: %s", jax.default_backend(), jax.devices())
+        train_and_evaluate(cfg, fv.workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

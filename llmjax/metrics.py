@@ -1,0 +1,113 @@
+"""Where training numbers go: WORKDIR/metrics.jsonl (one JSON object per line, with `step`), TensorBoard
+event files, and loss.png; plus the peak FLOP/s used for MFU."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense peak FLOP/s per chip (bf16) of common accelerators, by jax device_kind prefix.
+KNOWN_PEAKS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
+}
+
+
+def measured_matmul_peak(n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a large float32 matmul on the default device: the practical peak on a CPU."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
+    if configured:
+        return float(configured), "train.peak_flops"
+    kind = jax.devices()[0].device_kind
+    for prefix, peak in KNOWN_PEAKS.items():
+        if kind.startswith(prefix):
+            return peak, f"{kind} datasheet"
+    return measured_matmul_peak(), f"measured float32 matmul on {kind}"
+
+
+class MetricsWriter:
+    """Appends metrics to metrics.jsonl and TensorBoard; only the writing process (process 0) writes."""
+
+    def __init__(self, workdir: Path, enabled: bool = True):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict, prefix: str = "train"):
+        if not self.enabled:
+            return
+        row = {"step": int(step), **{f"{prefix}/{k}": _py(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in metrics.items():
+            if isinstance(_py(v), (int, float)):
+                self.tb.add_scalar(f"{prefix}/{k}", _py(v), int(step))
+
+    def text(self, step: int, tag: str, text: str):
+        if self.enabled:
+            self.tb.add_text(tag, text, int(step))
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _py(v):
+    if isinstance(v, (np.ndarray, jax.Array)):
+        v = np.asarray(v).item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_metrics(workdir) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def plot_losses(workdir) -> Path:
+    """loss.png: train and validation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(workdir)
+    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    val = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per predicted token)")
+    ax.set_title(Path(workdir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(workdir) / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

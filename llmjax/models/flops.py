@@ -1,0 +1,44 @@
+"""Training FLOPs of one example, counted the same way for every family (matmuls + attention scores),
+for MFU and for matching objective-comparison cells on compute."""
+
+from __future__ import annotations
+
+from llmjax.models.config import ModelConfig
+
+
+def _attention_proj(cfg: ModelConfig) -> tuple[int, int]:
+    """Weights applied per query token (q, o) and per key token (k, v)."""
+    q_o = 2 * cfg.d_model * cfg.num_heads * cfg.head_size
+    k_v = 2 * cfg.d_model * cfg.kv_heads * cfg.head_size
+    return q_o, k_v
+
+
+def _mlp(cfg: ModelConfig) -> int:
+    return (3 if cfg.gated else 2) * cfg.d_model * cfg.mlp_dim
+
+
+def _scores(cfg: ModelConfig, t: int, s: int) -> int:
+    """Multiply-adds of q.k and p.v for t queries over s keys (the full rectangle, causal or not)."""
+    return 2 * t * s * cfg.num_heads * cfg.head_size
+
+
+def forward_macs(cfg: ModelConfig, length: int, decoder_length: int | None = None) -> int:
+    """Multiply-accumulates of one forward pass of one example (embedding lookups are free)."""
+    q_o, k_v = _attention_proj(cfg)
+    per_layer = q_o + k_v + _mlp(cfg)
+    head = cfg.d_model * cfg.vocab_size
+    if cfg.family == "decoder":
+        return cfg.num_layers * (length * per_layer + _scores(cfg, length, length)) + length * head
+    if cfg.family == "encoder":
+        mlm_head = cfg.d_model * cfg.d_model + head  # transform + tied decoder, on every position
+        pooler = (cfg.d_model * cfg.d_model + 2 * cfg.d_model) if cfg.pooler else 0
+        return cfg.num_layers * (length * per_layer + _scores(cfg, length, length)) + length * mlm_head + pooler
+    td = decoder_length if decoder_length is not None else length
+    encoder = cfg.num_layers * (length * per_layer + _scores(cfg, length, length))
+    decoder_layer = td * (per_layer + q_o) + length * k_v + _scores(cfg, td, td) + _scores(cfg, td, length)
+    return encoder + cfg.decoder_layers * decoder_layer + td * head
+
+
+def train_flops(cfg: ModelConfig, length: int, decoder_length: int | None = None) -> float:
+    """FLOPs of one training example: 2 FLOPs per multiply-add, backward = 2 x forward."""
+    return 3 * 2 * float(forward_macs(cfg, length, decoder_length))

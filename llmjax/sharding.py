@@ -1,0 +1,175 @@
+"""Device mesh from config and the one table mapping logical axis names to mesh axes.
+
+Parameters carry `logical_axes` metadata ('embed', 'heads', 'mlp', ...); `rules` (config.sharding.rules)
+map each name to a mesh axis ('data', 'fsdp', 'tensor', 'expert') or None. Changing parallelism is a
+config change only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llmjax.models.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# Batch rows are split over every axis that holds a different slice of the data.
+BATCH_AXES = ("data", "fsdp", "expert")
+DEFAULT_RULES = (
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("expert", "expert"),
+)
+
+
+def mesh_config(**sizes) -> ml_collections.ConfigDict:
+    """The `mesh` section: a size per axis; one size may be -1 to take the remaining devices."""
+    d = {a: 1 for a in MESH_AXES}
+    d.update(data=-1)
+    d.update(sizes)
+    return ml_collections.ConfigDict(d)
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+    sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+    unknown = set(mesh_cfg.keys()) - set(MESH_AXES)
+    if unknown:
+        raise ConfigError(f"mesh: unknown axis {sorted(unknown)}; the mesh axes are {', '.join(MESH_AXES)}")
+    fill = [a for a, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ConfigError(f"mesh: at most one axis may be -1, got {', '.join('mesh.' + a for a in fill)}")
+    for a, s in sizes.items():
+        if s == 0 or s < -1:
+            raise ConfigError(f"mesh.{a}: size must be a positive integer or -1, got {s}")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        if num_devices % known:
+            raise ConfigError(
+                f"mesh: the fixed axes ({', '.join(f'{a}={s}' for a, s in sizes.items() if s != -1)}) multiply to "
+                f"{known}, which does not divide the {num_devices} devices; change them so their product divides "
+                f"{num_devices}")
+        sizes[fill[0]] = num_devices // known
+    elif known != num_devices:
+        raise ConfigError(
+            f"mesh: {' x '.join(f'{a}={s}' for a, s in sizes.items())} = {known} devices, but {num_devices} are "
+            f"available; make the product {num_devices} or set one axis (e.g. mesh.data) to -1")
+    return sizes
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = resolve_mesh_shape(mesh_cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    # Auto axes: XLA propagates shardings through reshapes and einsums (GSPMD), the model stays mesh-agnostic.
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if devices == list(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def rules_dict(rules: Iterable) -> dict[str, Any]:
+    out = {}
+    for item in rules:
+        name, target = item[0], item[1]
+        if name in out and out[name] != target:
+            raise ConfigError(
+                f"sharding.rules: logical axis {name!r} is mapped twice ({out[name]!r} and {target!r}); keep one")
+        targets = (target,) if isinstance(target, str) or target is None else tuple(target)
+        for t in targets:
+            if t is not None and t not in MESH_AXES:
+                raise ConfigError(f"sharding.rules: {name!r} -> {t!r} is not a mesh axis ({', '.join(MESH_AXES)})")
+        out[name] = target
+    return out
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], rules: dict, mesh: Mesh, what: str = "") -> P:
+    """PartitionSpec for an array with these logical axes. Size-1 mesh axes are left out (they shard
+    nothing and only clutter the spec); a dimension that the mapped mesh axes do not divide is an error."""
+    used: dict[str, str] = {}
+    spec = []
+    for name, dim in zip(axes, shape):
+        target = rules.get(name) if name is not None else None
+        targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+        targets = tuple(t for t in targets if mesh.shape[t] > 1)
+        for t in targets:
+            if t in used:
+                raise ConfigError(
+                    f"sharding.rules: {what or 'an array'} has logical axes {used[t]!r} and {name!r} both mapped to "
+                    f"mesh axis {t!r}; an array dimension can use a mesh axis only once — map one of them elsewhere")
+            used[t] = name
+        size = math.prod(mesh.shape[t] for t in targets)
+        if size > 1 and dim % size:
+            raise ConfigError(
+                f"sharding: {what or 'an array'} dimension {name!r} of size {dim} is not divisible by mesh axes "
+                f"{'x'.join(targets)} = {size}; change the mesh (e.g. mesh.{targets[0]}) or map {name!r} to None "
+                f"in sharding.rules")
+        spec.append(None if not targets else (targets[0] if len(targets) == 1 else targets))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return P(*spec)
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules: dict):
+    """NamedShardings for an nnx.State of Variables whose metadata has `logical_axes` (others replicate)."""
+
+    def one(path, var):
+        axes = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
+        value = var.value if isinstance(var, nnx.Variable) else var
+        shape = getattr(value, "shape", ())
+        if axes is None or len(shape) == 0:
+            spec = P()
+        else:
+            spec = logical_to_spec(axes, shape, rules, mesh, what="/".join(map(str, path)))
+        sharding = NamedSharding(mesh, spec)
+        return var.replace(sharding) if isinstance(var, nnx.Variable) else sharding
+
+    return jax.tree.map_with_path(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    first = None if not axes else (axes[0] if len(axes) == 1 else axes)
+    return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def validate_layout(model_cfg, mesh: Mesh, global_batch_size: int, micro_batches: int = 1):
+    """Fail at start, with the fix, on layouts that cannot work."""
+    n = batch_shards(mesh)
+    per_micro = global_batch_size // max(micro_batches, 1)
+    if global_batch_size % max(micro_batches, 1):
+        raise ConfigError(
+            f"train.batch_size={global_batch_size} is not divisible by train.micro_batches={micro_batches}")
+    if per_micro % n:
+        raise ConfigError(
+            f"train.batch_size: each micro-batch has {per_micro} rows, not divisible by the {n} batch shards "
+            f"(mesh data x fsdp x expert = {' x '.join(str(mesh.shape[a]) for a in BATCH_AXES)}); "
+            f"use a batch size that is a multiple of {n * max(micro_batches, 1)}")
+    t = mesh.shape["tensor"]
+    if model_cfg.num_heads % t:
+        raise ConfigError(
+            f"mesh.tensor={t} does not divide model.num_heads={model_cfg.num_heads}; tensor parallelism splits "
+            f"attention heads, so choose mesh.tensor among the divisors of {model_cfg.num_heads}")
+
+
+def describe(abstract_state, state_sh) -> str:
+    """One line per parameter: path, shape and resolved PartitionSpec (logged at start-up)."""
+    shapes = dict(nnx.to_flat_state(abstract_state))
+    lines = []
+    for path, var in nnx.to_flat_state(state_sh):
+        shape = tuple(shapes[path].get_value().shape)
+        lines.append(f"  {'/'.join(map(str, path)):56s} {str(shape):>16s} {var.get_value().spec}")
+    return "\n".join(lines)
