@@ -22,6 +22,6 @@ def get_config():
         max_length=256,
         tie_embeddings=True,
     )
-    cfg.train.update(steps=300, batch_size=16, seq_length=128, log_every=10, eval_every=100)
+    cfg.train.update(steps=300, batch_size=16, seq_length=128, log_every=10, eval_every=50)
     cfg.optim.update(learning_rate=2e-3, warmup_steps=30, schedule="cosine")
     return cfg

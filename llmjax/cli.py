@@ -1,6 +1,8 @@
 """`llmjax <command> --config FILE [--config.a.b=value ...]`: the command line, kept thin.
 
-Commands: prepare (tokenizer + token shards), train (the main job). Overrides use ml_collections' dotted syntax.
+Commands: prepare (tokenizer + token shards), train (the main job; resumes from WORKDIR/checkpoints),
+export (`llmjax export --workdir DIR --out DIR2`: parameters of the newest good checkpoint + config.json).
+Overrides use ml_collections' dotted syntax.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-COMMANDS = ("prepare", "train")
+COMMANDS = ("prepare", "train", "export", "launch")
 
 
 def _parse(argv: list[str]):
@@ -42,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     command = argv[1]
+    if command == "launch":  # its own argparse: llmjax launch {local,slurm,k8s,tpu-vm} ... -- COMMAND
+        from llmjax.launch import main as launch_main
+
+        return launch_main(argv[2:])
+    if command == "export":
+        return _export(argv[2:])
     fv = _parse([argv[0]] + argv[2:])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = fv.config
@@ -63,8 +71,35 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("llmjax: train needs --workdir DIR (config, metrics, plots and checkpoints go there)")
         import jax
 
+        from llmjax.launch import maybe_initialize_distributed
+
+        maybe_initialize_distributed()  # joins a multi-process run (launcher env vars or srun); else nothing
         logging.info("JAX %s devices: %s", jax.default_backend(), jax.devices())
-        train_and_evaluate(cfg, fv.workdir)
+        from llmjax.models.config import ConfigError
+
+        try:
+            train_and_evaluate(cfg, fv.workdir)
+        except ConfigError as e:  # a user error: the message names the field and the fix
+            raise SystemExit(f"llmjax: {e}") from None
+    return 0
+
+
+def _export(args: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="llmjax export", description="parameters of the newest good checkpoint "
+                                     "in WORKDIR/checkpoints -> OUT/params (Orbax) + OUT/config.json")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--out", required=True)
+    ns = parser.parse_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from llmjax.checkpoint import export
+
+    try:
+        step = export(ns.workdir, ns.out)
+    except FileNotFoundError as e:
+        raise SystemExit(f"llmjax export: {e}")
+    print(f"exported the parameters of step {step} to {ns.out}")
     return 0
 
 

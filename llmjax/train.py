@@ -41,6 +41,8 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0
     c.z_loss = 0.0
     c.peak_flops = 0.0  # per device, for MFU; 0 = known accelerator peak or a measured matmul peak on CPU
+    c.checkpoint_every = 100  # asynchronous Orbax save every this many steps (and at the end); 0 = only at the end
+    c.keep_checkpoints = 3  # the newest K complete checkpoints are kept in WORKDIR/checkpoints
     return c
 
 
@@ -146,6 +148,16 @@ def init_state(model_cfg: ModelConfig, tx, mesh, rules: dict, seed: int):
     """Create parameters and optimizer state directly sharded on `mesh` (never whole on one host).
 
     Returns (graphdef, state, state_shardings)."""
+    return _init_state(model_cfg, tx, mesh, rules, seed, abstract_only=False)
+
+
+def init_state_abstract(model_cfg: ModelConfig, tx, mesh, rules: dict, seed: int):
+    """Like init_state but allocates nothing: (graphdef, state of ShapeDtypeStructs, state_shardings), the
+    target a checkpoint is restored into."""
+    return _init_state(model_cfg, tx, mesh, rules, seed, abstract_only=True)
+
+
+def _init_state(model_cfg: ModelConfig, tx, mesh, rules: dict, seed: int, *, abstract_only: bool):
     abstract = nnx.eval_shape(lambda: build_model(model_cfg, seed))
     graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
     params_sh = shd.state_shardings(abs_params, mesh, rules)
@@ -164,6 +176,8 @@ def init_state(model_cfg: ModelConfig, tx, mesh, rules: dict, seed: int):
         _, params, rest = nnx.split(build_model(model_cfg, seed), nnx.Param, ...)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=make_opt(params))
 
+    if abstract_only:
+        return graphdef, jax.eval_shape(init), state_sh
     with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else _nullcontext():
         state = init()
     return graphdef, state, state_sh
@@ -354,6 +368,7 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
 
     from tqdm import tqdm
 
+    from llmjax import checkpoint as ckpt_lib
     from llmjax import metrics as mt
     from llmjax.data import pipeline
     from llmjax.data.prepare import prepare
@@ -369,8 +384,6 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
     tc = cfg.train
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
-        (workdir / "command.txt").write_text(" ".join(sys.argv) + "\n")
 
     manifest = prepare(cfg.data, workdir, progress=progress and is_writer)
     data_dir = Path(manifest["dir"])
@@ -381,7 +394,26 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
     shd.validate_layout(model_cfg, mesh, tc.batch_size, tc.micro_batches)
     tx = make_optimizer(cfg.optim, tc.steps)
     lr_schedule = learning_rate_schedule(cfg.optim, tc.steps)
-    graphdef, state, state_sh = init_state(model_cfg, tx, mesh, rules, tc.seed)
+    # Resume from the newest good checkpoint (restored straight onto this mesh), or start afresh.
+    import json
+
+    cfg_json = json.loads(cfg.to_json_best_effort())
+    checkpoints = ckpt_lib.Checkpoints(workdir, keep=tc.keep_checkpoints)
+    resumed = None
+    if checkpoints.steps():
+        graphdef, abstract_state, state_sh = init_state_abstract(model_cfg, tx, mesh, rules, tc.seed)
+        resumed = checkpoints.restore_latest(abstract_state, state_sh, cfg_json)
+    if resumed is None:
+        graphdef, state, state_sh = init_state(model_cfg, tx, mesh, rules, tc.seed)
+        start_step = 0
+    else:
+        state, data_state, start_step, _ = resumed
+        log.info("resuming from checkpoint %s at step %d", checkpoints.directory / str(start_step), start_step)
+    if is_writer:
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+        (workdir / "command.txt").write_text(" ".join(sys.argv) + "\n")
+        if resumed is not None:
+            _drop_metrics_after(workdir, start_step)  # the steps after the checkpoint are run again
     if is_writer:
         abstract = nnx.state(nnx.eval_shape(lambda: build_model(model_cfg, tc.seed)), nnx.Param)
         (workdir / "sharding.txt").write_text(
@@ -393,6 +425,12 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
     train_it = pipeline.make_train_iterator(
         data_dir, cfg.objective, global_batch_size=tc.batch_size, seed=tc.seed, family=model_cfg.family,
         objective_config=obj_args)
+    if resumed is not None:
+        try:
+            train_it.set_state(data_state)
+        except ValueError as e:
+            raise ConfigError(f"cannot resume from {checkpoints.directory / str(start_step)}: {e} (train.batch_size, "
+                              "train.seed and the data must stay as they were)") from None
     first = next(train_it)
     batch_sh = batch_shardings(mesh, first)
     step_fn = make_train_step(graphdef, tx, state_sh, batch_sh, micro_batches=tc.micro_batches,
@@ -421,43 +459,67 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
     log.info("peak %.3g FLOP/s per device (%s); %.3g FLOPs per step", peak, peak_source, flops_per_step)
     writer = mt.MetricsWriter(workdir, enabled=is_writer)
 
-    start_eval = evaluate()
-    writer.write(0, start_eval, "eval")
-    log.info("step 0: validation loss %.4f", start_eval.get("loss", float("nan")))
-    bar = tqdm(total=tc.steps, disable=not (progress and is_writer), desc="train", unit="step",
+    if resumed is None:
+        start_eval = evaluate()
+        writer.write(0, start_eval, "eval")
+        log.info("step 0: validation loss %.4f", start_eval.get("loss", float("nan")))
+    else:
+        start_eval = {}
+        if start_step >= tc.steps:
+            log.info("already trained to step %d (train.steps=%d): nothing to do", start_step, tc.steps)
+    bar = tqdm(total=tc.steps, initial=start_step, disable=not (progress and is_writer), desc="train", unit="step",
                dynamic_ncols=True)
     batch = first
     last_train, last_eval = {}, start_eval
     window_start, window_steps = time.perf_counter(), 0
-    step = 0
-    while step < tc.steps:
-        state, m = step_fn(state, global_batch(batch, mesh))
-        step += 1
-        window_steps += 1
-        bar.update(1)
-        if step % tc.log_every == 0 or step == tc.steps:
-            m = {k: float(v) for k, v in m.items()}  # the only host sync: at logging steps
-            step_time = (time.perf_counter() - window_start) / window_steps
-            m.update(
-                perplexity=float(np.exp(min(m["loss"], 50.0))), step_time=step_time,
-                tokens_per_sec=m["tokens"] / step_time,
-                mfu=flops_per_step / step_time / (peak * jax.device_count()),
-            )
-            writer.write(step, m)
-            last_train = m
-            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}")
-            window_start, window_steps = time.perf_counter(), 0
-        if step % tc.eval_every == 0 or step == tc.steps:
-            last_eval = evaluate()
-            writer.write(step, last_eval, "eval")
-            bar.write(f"step {step}: validation loss {last_eval['loss']:.4f} (accuracy {last_eval['accuracy']:.3f})")
-            if model_cfg.family == "decoder" and tc.num_samples:
-                samples = sample_texts(graphdef, state, tokenizer, tc)
-                writer.text(step, "samples", "\n\n".join(samples))
-            window_start, window_steps = time.perf_counter(), 0  # evaluation time is not training time
-        batch = next(train_it)
+    step = start_step
+    preempted = None
+    with ckpt_lib.Preemption() as preemption:
+        try:
+            while step < tc.steps:
+                state, m = step_fn(state, global_batch(batch, mesh))
+                step += 1
+                window_steps += 1
+                bar.update(1)
+                if step % tc.log_every == 0 or step == tc.steps:
+                    m = {k: float(v) for k, v in m.items()}  # the only host sync: at logging steps
+                    step_time = (time.perf_counter() - window_start) / window_steps
+                    m.update(
+                        perplexity=float(np.exp(min(m["loss"], 50.0))), step_time=step_time,
+                        tokens_per_sec=m["tokens"] / step_time,
+                        mfu=flops_per_step / step_time / (peak * jax.device_count()),
+                    )
+                    writer.write(step, m)
+                    last_train = m
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    last_eval = evaluate()
+                    writer.write(step, last_eval, "eval")
+                    bar.write(f"step {step}: validation loss {last_eval['loss']:.4f} "
+                              f"(accuracy {last_eval['accuracy']:.3f})")
+                    if model_cfg.family == "decoder" and tc.num_samples:
+                        samples = sample_texts(graphdef, state, tokenizer, tc)
+                        writer.text(step, "samples", "\n\n".join(samples))
+                    window_start, window_steps = time.perf_counter(), 0  # evaluation time is not training time
+                stop = preemption.reached(step)  # every step, on every process (the sync point needs it)
+                if stop or step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                    # The iterator has produced exactly `step` batches here: its state resumes at batch step+1.
+                    checkpoints.save(step, state, train_it.get_state(), cfg_json)
+                if stop:
+                    preempted = step
+                    break
+                if step < tc.steps:
+                    batch = next(train_it)
+        finally:
+            checkpoints.close()  # waits until the last asynchronous save is complete (and visible)
     bar.close()
     train_it.close() if hasattr(train_it, "close") else None
+    if preempted is not None:
+        log.warning("preempted (%s) at step %d: saved checkpoint %s; run the same command to resume",
+                    preemption.signal or "SIGTERM", step, checkpoints.directory / str(step))
+        writer.close()
+        return {"train": last_train, "eval": last_eval, "eval_start": start_eval, "preempted_at": step}
     if is_writer:
         png = mt.plot_losses(workdir)
         log.info("wrote %s", png)
@@ -465,10 +527,23 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
         print("\nsamples:")
         for s in sample_texts(graphdef, state, tokenizer, tc):
             print("  " + repr(s))
-    print(f"validation loss: {start_eval.get('loss', float('nan')):.4f} at step 0 -> "
+    print(f"validation loss: {start_eval.get('loss', float('nan')):.4f} at step {start_step} -> "
           f"{last_eval.get('loss', float('nan')):.4f} at step {step}")
     writer.close()
     return {"train": last_train, "eval": last_eval, "eval_start": start_eval}
+
+
+def _drop_metrics_after(workdir, step: int) -> None:
+    """Resuming from `step` runs the later steps again: drop their rows of the interrupted run from
+    metrics.jsonl, so that each step appears once."""
+    import json
+    from pathlib import Path
+
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 def sample_texts(graphdef, state, tokenizer, tc) -> list[str]:

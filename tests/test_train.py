@@ -189,7 +189,7 @@ def test_optimizer_and_precision_variants_learn(variant):
     """Adafactor (T5 recipes), bfloat16 compute with float32 master weights, z-loss + label smoothing:
     each trains (loss falls) and keeps float32 parameters."""
     cfg = tiny_cfg(dtype="bfloat16") if variant == "bfloat16" else tiny_cfg()
-    oc = optim(optimizer="adafactor", schedule="rsqrt", learning_rate=0.05) if variant == "adafactor" else optim()
+    oc = optim(optimizer="adafactor", schedule="constant", learning_rate=0.5) if variant == "adafactor" else optim()
     mesh = shd.make_mesh(shd.mesh_config(data=1), jax.devices()[:1])
     tx = train.make_optimizer(oc, total_steps=12)
     graphdef, state, state_sh = train.init_state(cfg, tx, mesh, shd.rules_dict(shd.DEFAULT_RULES), seed=0)

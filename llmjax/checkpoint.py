@@ -1,0 +1,398 @@
+"""Checkpoints with Orbax: save/restore the train state, data-iterator state and config; preemption; export.
+
+Layout (WORKDIR/checkpoints, one Orbax CheckpointManager):
+
+    checkpoints/<step>/state/     params, optimizer state, step, RNG streams (PRNG keys as uint32 key data);
+                                  Orbax array checkpoint, restorable onto any mesh / device count
+    checkpoints/<step>/data/      process_<i>-of-<n>.json: each process's Grain BatchIterator.get_state()
+    checkpoints/<step>/config/    the run config (JSON)
+    checkpoints_corrupt/<step>-<time>/
+                                  step directories that failed to restore, moved aside (never deleted)
+
+A step directory appears only once complete (Orbax writes into a temporary directory and renames it at
+finalize); interrupted saves leave `*.orbax-checkpoint-tmp-*` directories that are ignored. Resume tries
+the newest step first; one that cannot be read (truncated file, missing item) is reported with a warning
+naming it and the next older one is tried. Once a good one is restored the bad newer ones are moved to
+checkpoints_corrupt/, so keep-K garbage collection only ever counts good checkpoints and new saves never
+land on a bad directory. Before anything is restored or moved, the saved config is compared with the
+current one: a change to a field that changes the shapes or structure of the state (model.num_layers,
+optim.optimizer, ...) is refused, naming the field, with the checkpoints untouched.
+
+Preemption: SIGTERM or SIGINT sets a flag; the loop finishes the current step, saves and returns normally
+(exit code 0). With several processes SIGTERM goes through JAX's preemption sync service
+(multihost_utils.reached_preemption_sync_point) so all processes save the same step; SIGINT is turned into
+SIGTERM to join the same protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
+
+from llmjax.models.config import ConfigError
+
+log = logging.getLogger("llmjax")
+
+CHECKPOINTS = "checkpoints"
+CORRUPT = "checkpoints_corrupt"
+EXPORT_PARAMS = "params"
+EXPORT_CONFIG = "config.json"
+
+
+# -------------------------------------------------------------------------------------- state <-> tree
+def _name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def to_tree(state) -> dict:
+    """A TrainState (or any pytree) as nested dicts of arrays, keyed by path names; typed PRNG keys become
+    their uint32 key data. Works on concrete arrays, ShapeDtypeStructs and shardings alike (`to_tree`
+    of the shardings pytree gives the matching shardings)."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        node = out
+        names = [_name(k) for k in path]
+        for n in names[:-1]:
+            node = node.setdefault(n, {})
+        if _is_key(leaf):
+            leaf = (jax.random.key_data(leaf) if isinstance(leaf, jax.Array)
+                    else jax.ShapeDtypeStruct(leaf.shape + (2,), jnp.uint32, sharding=getattr(leaf, "sharding", None)))
+        node[names[-1]] = leaf
+    return out
+
+
+def from_tree(tree: dict, like):
+    """Inverse of to_tree: the leaves of `tree` put back into the structure of `like` (keys re-wrapped)."""
+    leaves = []
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    for path, ref in paths:
+        node = tree
+        for k in path:
+            node = node[_name(k)]
+        if _is_key(ref):
+            impl = jax.random.key_impl(ref) if isinstance(ref, jax.Array) else None
+            node = jax.random.wrap_key_data(node, impl=impl) if impl is not None else jax.random.wrap_key_data(node)
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def abstract_tree(state, shardings) -> dict:
+    """to_tree of ShapeDtypeStructs carrying the target shardings: what Orbax restores (and reshards) into."""
+    def one(x, sh):
+        if _is_key(x):
+            return jax.ShapeDtypeStruct(x.shape + (2,), jnp.uint32, sharding=sh)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+
+    abstract = jax.tree.map(one, state, shardings)
+    # keys are already converted above: flatten without touching them again
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        node = out
+        names = [_name(k) for k in path]
+        for n in names[:-1]:
+            node = node.setdefault(n, {})
+        node[names[-1]] = leaf
+    return out
+
+
+# ----------------------------------------------------------------------------------------- data state
+class _DataSnapshot:
+    """The data-iterator state captured at save time (the save itself may finish later, in the background)."""
+
+    def __init__(self, state: dict):
+        self._bytes = json.dumps(state, indent=1).encode()
+
+    def get_state(self) -> bytes:
+        return self._bytes
+
+
+def read_data_state(step_dir: Path) -> dict:
+    """All processes' iterator states of one checkpoint merged into one (positions of every row stream), so
+    that any process count can take its share (BatchIterator.set_state picks its streams)."""
+    files = sorted((step_dir / "data").glob("process_*-of-*.json"))
+    if not files:
+        raise FileNotFoundError(f"{step_dir / 'data'} has no process_*-of-*.json data-iterator state")
+    counts = {int(f.stem.split("-of-")[1]) for f in files}
+    if len(counts) != 1 or len(files) != counts.pop():
+        raise FileNotFoundError(f"{step_dir / 'data'}: data-iterator states of some processes are missing")
+    states = sorted((json.loads(f.read_text()) for f in files), key=lambda s: int(s["first_stream"]))
+    merged = dict(states[0])
+    merged["positions"] = [p for s in states for p in s["positions"]]
+    return merged
+
+
+# ---------------------------------------------------------------------------------------- config check
+def _structure(cfg) -> dict:
+    """{path: (shape, dtype)} of the train state this config builds (abstractly: no arrays allocated)."""
+    from flax import nnx
+
+    from llmjax.models.config import ModelConfig
+    from llmjax.models.transformer import build_model
+    from llmjax.train import make_optimizer
+
+    model_cfg = ModelConfig.from_dict(cfg["model"])
+    abstract = nnx.eval_shape(lambda: build_model(model_cfg, 0))
+    _, params, rest = nnx.split(abstract, nnx.Param, ...)
+    import ml_collections
+
+    tx = make_optimizer(ml_collections.ConfigDict(cfg["optim"]), int(cfg["train"]["steps"]))
+    opt = jax.eval_shape(tx.init, params)
+    tree = {"params": params, "rest": rest, "opt_state": opt}
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(_name(k) for k in p): (tuple(x.shape), str(x.dtype)) for p, x in flat}
+
+
+def check_compatible(saved: dict, current: dict, where: str) -> None:
+    """Raise ConfigError naming the fields whose change alters the state's shapes or structure."""
+    try:
+        same = _structure(saved) == _structure(current)
+    except Exception as e:  # a saved config this version cannot build: say so rather than guess
+        raise ConfigError(f"cannot rebuild the model of the checkpoint config in {where}: {e}") from None
+    if same:
+        return
+    culprits = []
+    for section in ("model", "optim", "train"):
+        for key in sorted(set(saved.get(section, {})) | set(current.get(section, {}))):
+            a, b = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+            if a == b:
+                continue
+            trial = json.loads(json.dumps(saved))
+            trial[section][key] = b
+            try:
+                changed = _structure(trial) != _structure(saved)
+            except Exception:
+                changed = True
+            if changed:
+                culprits.append(f"{section}.{key} (checkpoint {a!r}, now {b!r})")
+    what = ", ".join(culprits) or "the model/optimizer configuration"
+    raise ConfigError(
+        f"cannot resume from {where}: {what} changes the shapes of the saved parameters or optimizer state. "
+        "Set it back to the checkpoint's value, or use a new --workdir to train this model from scratch")
+
+
+# ------------------------------------------------------------------------------------------ preemption
+class Preemption:
+    """SIGTERM / SIGINT -> finish the current step, save, exit cleanly. `reached(step)` is called after every
+    step; all processes get the same answer (JAX's preemption sync point when distributed)."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+        self._distributed = jax.process_count() > 1
+
+    def __enter__(self):
+        sigs = [signal.SIGINT] if self._distributed else [signal.SIGTERM, signal.SIGINT]
+        for s in sigs:  # with a distributed runtime, JAX's preemption notifier owns SIGTERM
+            try:
+                self._old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def _handler(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signal = signal.Signals(signum).name
+        log.warning("received %s: finishing this step, saving a checkpoint and exiting", self.signal)
+        if self._distributed:
+            os.kill(os.getpid(), signal.SIGTERM)  # join JAX's preemption sync protocol
+
+    def reached(self, step: int) -> bool:
+        if self._distributed:
+            from jax.experimental import multihost_utils
+
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:
+                return False
+        return self.signal is not None
+
+    def __exit__(self, *a):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        return False
+
+
+# -------------------------------------------------------------------------------------------- manager
+class Checkpoints:
+    """WORKDIR/checkpoints: asynchronous saves, keep the last `keep`, restore the newest good one."""
+
+    def __init__(self, workdir, *, keep: int = 3, async_save: bool = True):
+        self.workdir = Path(workdir)
+        self.directory = self.workdir / CHECKPOINTS
+        self.keep = keep
+        self.async_save = async_save
+        self._manager = None
+        absl_log = logging.getLogger("absl")  # Orbax logs every save phase at INFO through absl
+        if absl_log.level == logging.NOTSET:
+            absl_log.setLevel(logging.WARNING)
+
+    # Steps are listed from the directory itself (finalized step dirs are plain integers), so that looking
+    # before a restore never writes anything.
+    def steps(self) -> list[int]:
+        if not self.directory.is_dir():
+            return []
+        return sorted((int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit()),
+                      reverse=True)
+
+    @property
+    def manager(self) -> ocp.CheckpointManager:
+        if self._manager is None:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self.keep, create=True, enable_async_checkpointing=self.async_save,
+                cleanup_tmp_directories=False)
+            handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain_checkpoint.CheckpointHandler(),
+                        "config": ocp.JsonCheckpointHandler()}
+            self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options, item_handlers=handlers)
+        return self._manager
+
+    def read_config(self, step: int) -> dict:
+        return json.loads((self.directory / str(step) / "config" / "metadata").read_text())
+
+    def save(self, step: int, state, data_state: dict, cfg_json: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(to_tree(state)),
+            data=grain_checkpoint.CheckpointSave(_DataSnapshot(data_state)),
+            config=ocp.args.JsonSave(cfg_json)), force=True)
+
+    def restore_latest(self, target_state, target_shardings, cfg_json: dict, *, check=True):
+        """(state, data_state, step) of the newest good checkpoint, or None if there is none. The state is
+        restored directly into `target_shardings` (any mesh). Bad checkpoints are skipped with a warning and
+        moved aside once a good one was found; an incompatible config raises ConfigError first."""
+        bad: list[tuple[int, str]] = []
+        found = None
+        checked = False
+        for step in self.steps():
+            where = self.directory / str(step)
+            try:
+                saved_cfg = self.read_config(step)
+            except Exception as e:
+                bad.append((step, f"config: {type(e).__name__}: {e}"))
+                continue
+            if check and not checked:
+                check_compatible(saved_cfg, cfg_json, str(where))  # raises before anything is touched
+                checked = True
+            try:
+                data_state = read_data_state(where)
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_tree(target_state, target_shardings))))
+                state = from_tree(restored["state"], target_state)
+                jax.block_until_ready(state)
+                found = (state, data_state, step, saved_cfg)
+                break
+            except Exception as e:
+                bad.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"))
+        for step, why in bad:
+            log.warning("checkpoint %s is incomplete or corrupt, skipping it: %s", self.directory / str(step), why)
+        if bad and found is not None:
+            self._move_aside([s for s, _ in bad if s > found[2]])
+        return found
+
+    def _move_aside(self, steps: list[int]) -> None:
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            dest = self.workdir / CORRUPT
+            dest.mkdir(parents=True, exist_ok=True)
+            for s in steps:
+                target = dest / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+                os.replace(self.directory / str(s), target)
+                log.warning("moved the bad checkpoint %s to %s", self.directory / str(s), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("llmjax_checkpoint_move_aside")
+        self.manager.reload()
+
+    def wait(self) -> None:
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
+            self._manager = None
+
+
+# --------------------------------------------------------------------------------------------- export
+def load_latest(workdir, mesh_cfg=None):
+    """(TrainState, step, config dict) of WORKDIR's newest good checkpoint, restored onto the mesh `mesh_cfg`
+    (a `mesh` config section; default: all devices on the data axis) with the checkpoint's sharding rules."""
+    import ml_collections
+
+    from llmjax import sharding as shd
+    from llmjax.models.config import ModelConfig
+    from llmjax.train import init_state_abstract, make_optimizer
+
+    ck = Checkpoints(workdir)
+    cfg_json = None
+    for s in ck.steps():
+        try:
+            cfg_json = ck.read_config(s)
+            break
+        except Exception:
+            continue
+    if cfg_json is None:
+        raise FileNotFoundError(f"{ck.directory} has no readable checkpoint; train with --workdir {workdir} first")
+    cfg = ml_collections.ConfigDict(cfg_json)
+    mesh = shd.make_mesh(mesh_cfg if mesh_cfg is not None else shd.mesh_config())
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    _, abstract, state_sh = init_state_abstract(ModelConfig.from_dict(cfg.model), tx, mesh,
+                                                shd.rules_dict(cfg.sharding.rules), 0)
+    try:
+        found = ck.restore_latest(abstract, state_sh, cfg_json, check=False)
+    finally:
+        ck.close()
+    if found is None:
+        raise FileNotFoundError(f"no good checkpoint in {ck.directory}")
+    state, _, step, saved_cfg = found
+    return state, step, saved_cfg
+
+
+def export(workdir, out) -> int:
+    """Write the parameters of WORKDIR's newest good checkpoint to OUT/params (an Orbax checkpoint of the
+    nested dict nnx.State.to_pure_dict()) and OUT/config.json (the run config). Returns the step exported."""
+    state, step, cfg_json = load_latest(workdir)
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as w:
+        w.save(out / EXPORT_PARAMS, state.params.to_pure_dict(), force=True)
+    if jax.process_index() == 0:
+        (out / EXPORT_CONFIG).write_text(json.dumps({**cfg_json, "exported_step": step}, indent=2) + "\n")
+    return step
+
+
+def load_exported(directory):
+    """(model, config dict) from an export directory: the model built from config.json with the parameters."""
+    from flax import nnx
+
+    from llmjax.models.config import ModelConfig
+    from llmjax.models.transformer import build_model
+
+    directory = Path(directory).absolute()
+    cfg = json.loads((directory / EXPORT_CONFIG).read_text())
+    model = build_model(ModelConfig.from_dict(cfg["model"]), 0)
+    params = nnx.state(model, nnx.Param)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params.to_pure_dict())
+    with ocp.StandardCheckpointer() as r:
+        loaded = r.restore(directory / EXPORT_PARAMS, abstract)
+    nnx.replace_by_pure_dict(params, loaded)
+    nnx.update(model, params)
+    return model, cfg

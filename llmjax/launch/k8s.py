@@ -1,0 +1,157 @@
+"""`llmjax launch k8s`: a Kubernetes JobSet (jobset.x-k8s.io/v1alpha2) for GKE TPU slices or GPU node pools.
+
+One replicated job of `--num-hosts` indexed pods (one JAX process per host). Pods find each other through
+the JobSet headless service: the coordinator is pod 0 of job 0, `<name>-<job>-0-0.<name>:<port>`, and each
+pod's process id is its job completion index. Apply with `kubectl apply -f FILE` (JobSet controller installed).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+
+API_VERSION = "jobset.x-k8s.io/v1alpha2"
+REPLICATED_JOB = "workers"
+CONTAINER = "llmjax"
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def coordinator_host(name: str) -> str:
+    return f"{name}-{REPLICATED_JOB}-0-0.{name}"
+
+
+def jobset_manifest(command: list[str], *, name: str, image: str, num_hosts: int = 1, namespace: str = "",
+                    tpu_accelerator: str = "", tpu_topology: str = "", chips_per_host: int = 4,
+                    gpus_per_host: int = 0, gpu_accelerator: str = "", port: int = 8476, env: list[str] = (),
+                    cpu: str = "", memory: str = "", max_restarts: int = 0, service_account: str = "",
+                    python: str = "python3") -> dict:
+    if not _DNS_LABEL.match(name) or len(name) > 40:
+        raise SystemExit(f"llmjax launch k8s: --name {name!r} must be a DNS label (lowercase letters, digits, '-'), "
+                         "at most 40 characters")
+    if not image:
+        raise SystemExit("llmjax launch k8s: --image is required (a container image with llmjax installed)")
+    if num_hosts < 1:
+        raise SystemExit("llmjax launch k8s: --num-hosts must be at least 1")
+    if bool(tpu_accelerator) != bool(tpu_topology):
+        raise SystemExit("llmjax launch k8s: --tpu-accelerator and --tpu-topology go together, e.g. "
+                         "--tpu-accelerator tpu-v5p-slice --tpu-topology 2x2x2")
+    if tpu_accelerator and gpus_per_host:
+        raise SystemExit("llmjax launch k8s: choose TPUs (--tpu-accelerator) or GPUs (--gpus-per-host), not both")
+    if not command:
+        raise SystemExit("llmjax launch k8s: give the command after --, e.g. -- train --config ... --workdir gs://...")
+
+    env_list = [
+        {"name": "LLMJAX_COORDINATOR", "value": f"{coordinator_host(name)}:{port}"},
+        {"name": "LLMJAX_NUM_PROCESSES", "value": str(num_hosts)},
+        {"name": "LLMJAX_PROCESS_ID", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    for kv in env:
+        if "=" not in kv:
+            raise SystemExit(f"llmjax launch k8s: --env {kv!r} must look like NAME=VALUE")
+        k, v = kv.split("=", 1)
+        env_list.append({"name": k, "value": v})
+
+    limits: dict[str, str] = {}
+    node_selector: dict[str, str] = {}
+    if tpu_accelerator:
+        limits["google.com/tpu"] = str(chips_per_host)
+        node_selector = {"cloud.google.com/gke-tpu-accelerator": tpu_accelerator,
+                         "cloud.google.com/gke-tpu-topology": tpu_topology}
+    if gpus_per_host:
+        limits["nvidia.com/gpu"] = str(gpus_per_host)
+        if gpu_accelerator:
+            node_selector["cloud.google.com/gke-accelerator"] = gpu_accelerator
+    if cpu:
+        limits["cpu"] = cpu
+    if memory:
+        limits["memory"] = memory
+    container = {
+        "name": CONTAINER,
+        "image": image,
+        "command": [python, "-m", "llmjax.launch.child", *command],
+        "ports": [{"containerPort": port, "name": "coordinator"}],
+        "env": env_list,
+    }
+    if limits:
+        container["resources"] = {"limits": limits, "requests": dict(limits)}
+    pod_spec: dict = {"restartPolicy": "Never", "containers": [container]}
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if gpus_per_host:
+        pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    if service_account:
+        pod_spec["serviceAccountName"] = service_account
+    metadata: dict = {"name": name, "labels": {"app.kubernetes.io/name": "llmjax"}}
+    if namespace:
+        metadata["namespace"] = namespace
+    if tpu_accelerator:  # one slice per node pool, never two jobs on one slice
+        metadata["annotations"] = {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "JobSet",
+        "metadata": metadata,
+        "spec": {
+            "failurePolicy": {"maxRestarts": max_restarts},
+            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+            "replicatedJobs": [{
+                "name": REPLICATED_JOB,
+                "replicas": 1,
+                "template": {"spec": {
+                    "parallelism": num_hosts,
+                    "completions": num_hosts,
+                    "completionMode": "Indexed",
+                    "backoffLimit": 0,
+                    "template": {"metadata": {"labels": {"app.kubernetes.io/name": "llmjax"}}, "spec": pod_spec},
+                }},
+            }],
+        },
+    }
+
+
+def to_yaml(manifest: dict) -> str:
+    try:
+        import yaml
+    except ImportError:  # JSON is YAML too; kubectl takes either
+        return json.dumps(manifest, indent=2) + "\n"
+    return yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--name", required=True, help="JobSet name (DNS label)")
+    p.add_argument("--image", required=True, help="container image with llmjax installed")
+    p.add_argument("--num-hosts", type=int, default=1, help="pods = JAX processes (TPU slice hosts / GPU nodes)")
+    p.add_argument("--namespace", default="")
+    p.add_argument("--tpu-accelerator", default="", help="e.g. tpu-v5p-slice, tpu-v5-lite-podslice, tpu-v6e-slice")
+    p.add_argument("--tpu-topology", default="", help="e.g. 2x2x2 (v4/v5p) or 4x4 (v5e/v6e)")
+    p.add_argument("--chips-per-host", type=int, default=4, help="google.com/tpu per pod")
+    p.add_argument("--gpus-per-host", type=int, default=0, help="nvidia.com/gpu per pod")
+    p.add_argument("--gpu-accelerator", default="", help="GKE node label, e.g. nvidia-h100-80gb")
+    p.add_argument("--port", type=int, default=8476, help="coordinator port")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--cpu", default="")
+    p.add_argument("--memory", default="")
+    p.add_argument("--max-restarts", type=int, default=0, help="JobSet failurePolicy.maxRestarts")
+    p.add_argument("--service-account", default="", help="e.g. one with GCS access for gs:// workdirs")
+    p.add_argument("--python", default="python3")
+    p.add_argument("--output", "-o", default="-", help="manifest file ('-' = stdout)")
+
+
+def run(args, command: list[str]) -> int:
+    manifest = jobset_manifest(
+        command, name=args.name, image=args.image, num_hosts=args.num_hosts, namespace=args.namespace,
+        tpu_accelerator=args.tpu_accelerator, tpu_topology=args.tpu_topology, chips_per_host=args.chips_per_host,
+        gpus_per_host=args.gpus_per_host, gpu_accelerator=args.gpu_accelerator, port=args.port, env=args.env,
+        cpu=args.cpu, memory=args.memory, max_restarts=args.max_restarts, service_account=args.service_account,
+        python=args.python)
+    text = to_yaml(manifest)
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"llmjax launch k8s: wrote {args.output}; apply with: kubectl apply -f {shlex.quote(args.output)}")
+    return 0

@@ -1,0 +1,48 @@
+"""Compile the real sharded train step ahead of time for a TPU v5e 2x2 slice (libtpu on this CPU, no TPU
+needed) under each remat policy and print the compiler's per-chip memory analysis as one JSON line.
+
+    python tpu_remat_memory.py    (in an environment that has libtpu installed)
+"""
+
+import json
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"  # the topology is described by libtpu; nothing runs on a TPU
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from llmjax import sharding as shd  # noqa: E402
+from llmjax import train  # noqa: E402
+from llmjax.models.config import ModelConfig  # noqa: E402
+from llmjax.models.transformer import build_model  # noqa: E402
+
+devices = topologies.get_topology_desc("v5e:2x2", "tpu").devices
+mesh = shd.make_mesh(shd.mesh_config(data=1, fsdp=4), devices)
+rules = shd.rules_dict(shd.DEFAULT_RULES)
+tx = train.make_optimizer(train.default_optim_config(), 100)
+B, T = 16, 512
+keys = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32, "segment_ids": jnp.int32,
+        "positions": jnp.int32}
+batch_sh = {k: shd.batch_sharding(mesh, 2) for k in keys}
+batch = {k: jax.ShapeDtypeStruct((B, T), dt, sharding=batch_sh[k]) for k, dt in keys.items()}
+out = {}
+for remat in ("none", "save_dots", "full"):
+    cfg = ModelConfig(family="decoder", vocab_size=1024, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024,
+                      max_length=T, remat=remat)
+    graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param, ...)
+    params_sh = shd.state_shardings(abs_params, mesh, rules)
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    state_sh = train.TrainState(step=NamedSharding(mesh, P()), params=params_sh,
+                                rest=jax.tree.map(lambda _: NamedSharding(mesh, P()), abs_rest),
+                                opt_state=train._opt_shardings(abs_opt, abs_params, params_sh, mesh))
+    abstract = train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params, rest=abs_rest,
+                                opt_state=abs_opt)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    step = train.make_train_step(graphdef, tx, state_sh, batch_sh)
+    mem = step.lower(abstract, batch).compile().memory_analysis()
+    out[remat] = {"temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes}
+print(json.dumps(out), flush=True)

@@ -1,0 +1,212 @@
+"""Checkpoints: resume after SIGKILL / SIGTERM continues bit-identically, restore onto other meshes, corrupt
+checkpoints are skipped (and kept), shape-changing config changes are refused, export writes params only."""
+
+import hashlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from llmjax import checkpoint, cli
+from llmjax.metrics import read_metrics
+
+ROOT = pathlib.Path(__file__).parent.parent
+CONFIG = ROOT / "configs" / "gpt_tiny.py"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")  # prepared once per worker, shared by the runs below
+
+
+def args(workdir, data_dir, steps=12, *extra):
+    return ["train", f"--config={CONFIG}", f"--workdir={workdir}", "--config.data.max_documents=300",
+            "--config.data.vocab_size=1000", "--config.model.vocab_size=1000", f"--config.data.data_dir={data_dir}",
+            "--config.model.d_model=64", "--config.model.mlp_dim=128", "--config.model.num_layers=2",
+            "--config.model.num_heads=4", "--config.train.num_samples=0", "--config.train.log_every=1",
+            "--config.train.eval_every=1000", "--config.train.eval_batches=1", "--config.train.checkpoint_every=4",
+            "--config.optim.warmup_steps=2", f"--config.train.steps={steps}", *extra]
+
+
+def train(*a):
+    assert cli.main(["llmjax", *a]) == 0
+
+
+def env(devices=8):
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["JAX_PLATFORMS"] = "cpu"
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def spawn(a, log, devices=8):
+    return subprocess.Popen([sys.executable, "-m", "llmjax.cli", *a], stdout=log, stderr=subprocess.STDOUT,
+                            env=env(devices), cwd=ROOT)
+
+
+def run(a, tmp, devices=8):
+    with open(tmp / "run.log", "a") as log:
+        p = spawn(a, log, devices)
+        assert p.wait(timeout=300) == 0, (tmp / "run.log").read_text()[-3000:]
+
+
+def wait_for(path: pathlib.Path, proc, timeout=120):
+    t = time.time()
+    while not path.exists():
+        assert proc.poll() is None, "the run ended before the checkpoint appeared"
+        assert time.time() - t < timeout
+        time.sleep(0.02)
+
+
+def losses(workdir) -> dict:
+    return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
+
+
+def params_of(workdir):
+    state, step, _ = checkpoint.load_latest(workdir)
+    return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in
+                  jax.tree_util.tree_flatten_with_path(state.params.to_pure_dict())[0]}
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def hashes(directory: pathlib.Path) -> dict:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_and_sigterm_is_bit_identical(tmp_path, data_dir):
+    steps = 24  # one device per run: the point here is the continuation, test_saved_on_fsdp8... covers meshes
+    ref = tmp_path / "ref"
+    run(args(ref, data_dir, steps), tmp_path, devices=1)
+    ref_step, ref_params = params_of(ref)
+    ref_losses = losses(ref)
+    assert ref_step == steps and sorted(ref_losses) == list(range(1, steps + 1))
+
+    # SIGKILL after the checkpoint of step 8: the steps after it are lost and run again.
+    killed = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        p = spawn(args(killed, data_dir, steps), log, devices=1)
+        wait_for(killed / "checkpoints" / "8", p)
+        p.kill()
+        p.wait()
+    have = checkpoint.Checkpoints(killed).steps()
+    assert steps not in have and 8 in have, have
+    run(args(killed, data_dir, steps), tmp_path, devices=1)
+    resumed_from = max(s for s in have)
+    assert f"resuming from checkpoint {killed / 'checkpoints' / str(resumed_from)}" in (tmp_path / "run.log").read_text()
+    got = losses(killed)
+    assert sorted(got) == list(range(1, steps + 1))  # every step once: rows of the lost steps were dropped
+    assert {s: got[s] for s in got if s > resumed_from} == {s: ref_losses[s] for s in ref_losses if s > resumed_from}
+    assert_same_params(params_of(killed)[1], ref_params)
+
+    # SIGTERM: the run finishes its step, saves, and exits with 0; the restart continues from there.
+    termed = tmp_path / "termed"
+    with open(tmp_path / "termed.log", "w") as log:
+        p = spawn(args(termed, data_dir, steps), log, devices=1)
+        wait_for(termed / "checkpoints" / "4", p)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 0
+    text = (tmp_path / "termed.log").read_text()
+    assert "received SIGTERM" in text and "preempted" in text, text[-2000:]
+    saved = max(checkpoint.Checkpoints(termed).steps())
+    assert 4 <= saved < steps and max(losses(termed)) == saved  # saved exactly the last step it ran
+    run(args(termed, data_dir, steps), tmp_path, devices=1)
+    got = losses(termed)
+    assert got == ref_losses
+    assert_same_params(params_of(termed)[1], ref_params)
+
+
+DUMP = """
+import sys, numpy as np, jax
+from llmjax import checkpoint, sharding
+state, step, _ = checkpoint.load_latest(sys.argv[1], sharding.mesh_config(data=1, fsdp=-1))
+flat = {jax.tree_util.keystr(p): np.asarray(x) for p, x in
+        jax.tree_util.tree_flatten_with_path(state.params.to_pure_dict())[0]}
+shards = {len(x.sharding.device_set) for x in jax.tree.leaves(state.params)}
+print("devices", jax.device_count(), "step", step, "spread over", sorted(shards))
+np.savez(sys.argv[2], **flat)
+"""
+
+
+@pytest.mark.slow
+def test_saved_on_fsdp8_restores_on_4_and_1_devices_and_continues(tmp_path, data_dir):
+    work = tmp_path / "w"
+    train(*args(work, data_dir, 8, "--config.mesh.data=1", "--config.mesh.fsdp=8"))
+    _, saved = params_of(work)
+    for devices in (4, 1):
+        out = tmp_path / f"p{devices}.npz"
+        r = subprocess.run([sys.executable, "-c", DUMP, str(work), str(out)], env=env(devices), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"devices {devices} step 8" in r.stdout
+        loaded = dict(np.load(out))
+        assert_same_params(loaded, saved)
+    # Training continues on 4 devices with another mesh (fsdp=2 x data=2).
+    run(args(work, data_dir, 12, "--config.mesh.data=2", "--config.mesh.fsdp=2"), tmp_path, devices=4)
+    assert "resuming from checkpoint" in (tmp_path / "run.log").read_text()
+    assert max(checkpoint.Checkpoints(work).steps()) == 12 and np.isfinite(losses(work)[12])
+
+
+def test_corrupt_newest_checkpoint_is_skipped_named_and_kept(tmp_path, data_dir, caplog):
+    work = tmp_path / "w"
+    train(*args(work, data_dir, 12))
+    assert checkpoint.Checkpoints(work).steps() == [12, 8, 4]
+    bad = work / "checkpoints" / "12"
+    biggest = max((p for p in (bad / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.truncate(biggest.stat().st_size // 2)
+    bad_hashes = hashes(bad)
+    caplog.set_level("INFO", logger="llmjax")
+    train(*args(work, data_dir, 16))
+    text = caplog.text
+    assert f"checkpoint {bad} is incomplete or corrupt" in text
+    assert f"resuming from checkpoint {work / 'checkpoints' / '8'} at step 8" in text
+    moved = list((work / checkpoint.CORRUPT).iterdir())
+    assert len(moved) == 1 and hashes(moved[0]) == bad_hashes  # kept as it was, out of the way
+    assert checkpoint.Checkpoints(work).steps() == [16, 12, 8]
+    assert params_of(work)[0] == 16
+
+
+def test_shape_changing_config_is_refused_and_checkpoints_untouched(tmp_path, data_dir):
+    work = tmp_path / "w"
+    train(*args(work, data_dir, 8))
+    before = hashes(work / "checkpoints")
+    with pytest.raises(SystemExit, match=r"model\.num_layers \(checkpoint 2, now 3\)"):
+        train(*args(work, data_dir, 12, "--config.model.num_layers=3"))
+    assert hashes(work / "checkpoints") == before
+    assert not (work / checkpoint.CORRUPT).exists()
+    # Changing the length of the run (and so the schedule) or logging is allowed.
+    train(*args(work, data_dir, 10, "--config.train.log_every=2"))
+    assert checkpoint.Checkpoints(work).steps()[0] == 10
+
+
+def test_export_writes_params_only_and_they_load_into_a_model(tmp_path, data_dir):
+    work, out = tmp_path / "w", tmp_path / "export"
+    train(*args(work, data_dir, 4))
+    assert cli.main(["llmjax", "export", f"--workdir={work}", f"--out={out}"]) == 0
+    cfg = json.loads((out / checkpoint.EXPORT_CONFIG).read_text())
+    assert cfg["exported_step"] == 4 and cfg["model"]["num_layers"] == 2
+    model, _ = checkpoint.load_exported(out)
+    step, expected = params_of(work)
+    got = {jax.tree_util.keystr(p): np.asarray(x) for p, x in
+           jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param).to_pure_dict())[0]}
+    assert_same_params(got, expected)
+    # Only parameters: the exported tree has exactly the parameter arrays, nothing of the optimizer.
+    meta = json.loads((out / checkpoint.EXPORT_PARAMS / "_METADATA").read_text())
+    names = json.dumps(meta)
+    assert "opt_state" not in names and "mu" not in json.dumps(list(meta.get("tree_metadata", {}).keys()))
