@@ -14,13 +14,28 @@ from absl import flags
 from ml_collections import config_flags
 
 COMMANDS = ("prepare", "train", "export", "launch")
+# Commands that live in their own module: name -> "module:function"; the function takes the arguments
+# after the command name and returns the exit code. `parse_config_flags` below serves those taking --config.
+MODULE_COMMANDS = {
+    "generate": "llmjax.generate:generate_main",
+    "fill": "llmjax.generate:fill_main",
+    "finetune": "llmjax.finetune:finetune_main",
+    "merge-lora": "llmjax.finetune:merge_lora_main",
+    "compile": "llmjax.compile:compile_main",
+    "compare": "llmjax.compare:compare_main",
+}
 
 
-def _parse(argv: list[str]):
+def parse_config_flags(argv: list[str], define=None, *, config_required: bool = True):
+    """Parse `argv` (argv[0] = program name) with absl: --config FILE plus --config.a.b=value overrides,
+    --workdir, and whatever flags `define(flag_values)` adds. Returns the FlagValues; user errors exit
+    with a message naming the flag or field."""
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)", flag_values=fv,
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "run directory (prepared data goes to WORKDIR/data by default)", flag_values=fv)
+    if define is not None:
+        define(fv)
     saved = sys.argv
     sys.argv = argv  # config_flags finds the --config.x overrides by reading sys.argv
     try:
@@ -32,25 +47,31 @@ def _parse(argv: list[str]):
         raise SystemExit(f"llmjax: unknown config field {e} in {' '.join(bad)}; see the config file for the fields")
     finally:
         sys.argv = saved
-    if fv.config is None:
+    if fv.config is None and config_required:
         raise SystemExit("llmjax: --config is required, e.g. --config configs/gpt_tiny.py")
     return fv
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or argv[1] not in COMMANDS:
-        print(f"usage: llmjax {{{'|'.join(COMMANDS)}}} --config FILE [--config.x=y ...] [--workdir DIR]",
+    names = COMMANDS + tuple(MODULE_COMMANDS)
+    if len(argv) < 2 or argv[1] not in names:
+        print(f"usage: llmjax {{{'|'.join(names)}}} --config FILE [--config.x=y ...] [--workdir DIR]",
               file=sys.stderr)
         return 2
     command = argv[1]
+    if command in MODULE_COMMANDS:
+        import importlib
+
+        module, function = MODULE_COMMANDS[command].split(":")
+        return getattr(importlib.import_module(module), function)(argv[2:])
     if command == "launch":  # its own argparse: llmjax launch {local,slurm,k8s,tpu-vm} ... -- COMMAND
         from llmjax.launch import main as launch_main
 
         return launch_main(argv[2:])
     if command == "export":
         return _export(argv[2:])
-    fv = _parse([argv[0]] + argv[2:])
+    fv = parse_config_flags([argv[0]] + argv[2:])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = fv.config
     if command == "prepare":

@@ -178,17 +178,7 @@ def _init_state(model_cfg: ModelConfig, tx, mesh, rules: dict, seed: int, *, abs
 
     if abstract_only:
         return graphdef, jax.eval_shape(init), state_sh
-    with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else _nullcontext():
-        state = init()
-    return graphdef, state, state_sh
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+    return graphdef, init(), state_sh
 
 
 def _opt_shardings(abs_opt, abs_params, params_sh, mesh):

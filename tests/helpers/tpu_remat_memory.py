@@ -11,14 +11,11 @@ os.environ["JAX_PLATFORMS"] = "cpu"  # the topology is described by libtpu; noth
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from llmjax import sharding as shd  # noqa: E402
 from llmjax import train  # noqa: E402
 from llmjax.models.config import ModelConfig  # noqa: E402
-from llmjax.models.transformer import build_model  # noqa: E402
 
 devices = topologies.get_topology_desc("v5e:2x2", "tpu").devices
 mesh = shd.make_mesh(shd.mesh_config(data=1, fsdp=4), devices)
@@ -33,15 +30,7 @@ out = {}
 for remat in ("none", "save_dots", "full"):
     cfg = ModelConfig(family="decoder", vocab_size=1024, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024,
                       max_length=T, remat=remat)
-    graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param, ...)
-    params_sh = shd.state_shardings(abs_params, mesh, rules)
-    abs_opt = jax.eval_shape(tx.init, abs_params)
-    state_sh = train.TrainState(step=NamedSharding(mesh, P()), params=params_sh,
-                                rest=jax.tree.map(lambda _: NamedSharding(mesh, P()), abs_rest),
-                                opt_state=train._opt_shardings(abs_opt, abs_params, params_sh, mesh))
-    abstract = train.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abs_params, rest=abs_rest,
-                                opt_state=abs_opt)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    graphdef, abstract, state_sh = train.init_state_abstract(cfg, tx, mesh, rules, seed=0)
     step = train.make_train_step(graphdef, tx, state_sh, batch_sh)
     mem = step.lower(abstract, batch).compile().memory_analysis()
     out[remat] = {"temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes}
