@@ -243,16 +243,22 @@ def _weights_of(batch: dict) -> dict:
 
 
 def make_train_step(graphdef, tx, state_sh, batch_sh, *, micro_batches: int = 1, label_smoothing=0.0, z_loss=0.0,
-                    lr_schedule=None):
+                    lr_schedule=None, loss_fn=None, weights_fn=None):
     """A jitted (state, batch) -> (state, metrics). The loss of every part is its sum divided by the part's
     total weight in the whole global batch (mean over tokens; BERT adds the mean NSP loss). With
     micro_batches > 1 the gradient is accumulated over sequential slices of the batch, giving the same
-    result as one step on the full batch."""
+    result as one step on the full batch.
+
+    loss_fn(model, batch, *, label_smoothing, z_loss, deterministic) -> (total, {part: LossSums}) and
+    weights_fn(batch) -> {part: total weight} replace model_loss / the token weights for other tasks
+    (fine-tuning heads); a part named "lm" is reported as loss/accuracy/tokens, others as <part>_loss etc."""
+    loss_fn = loss_fn or model_loss
+    weights_fn = weights_fn or _weights_of
 
     def grads_of(params, rest, batch, denominators):
         def f(p):
             model = nnx.merge(graphdef, p, rest, copy=True)  # fresh Variables at this trace level
-            _, sums = model_loss(model, batch, label_smoothing=label_smoothing, z_loss=z_loss, deterministic=False)
+            _, sums = loss_fn(model, batch, label_smoothing=label_smoothing, z_loss=z_loss, deterministic=False)
             objective = sum(sums[k].loss / jnp.maximum(denominators[k], 1e-8) for k in sums)
             return objective, (sums, nnx.state(model, nnx.Not(nnx.Param)))
 
@@ -260,7 +266,7 @@ def make_train_step(graphdef, tx, state_sh, batch_sh, *, micro_batches: int = 1,
         return sums, new_rest, grads
 
     def step(state: TrainState, batch):
-        denominators = _weights_of(batch)
+        denominators = weights_fn(batch)
         if micro_batches == 1:
             sums, rest, grads = grads_of(state.params, state.rest, batch, denominators)
         else:
@@ -289,20 +295,24 @@ def make_train_step(graphdef, tx, state_sh, batch_sh, *, micro_batches: int = 1,
 
 
 def _metrics(sums: dict) -> dict:
-    lm = sums["lm"]
-    w = jnp.maximum(lm.weight, 1e-8)
-    out = {"loss": lm.loss / w, "accuracy": lm.correct / w, "tokens": lm.weight}
-    if "nsp" in sums:
-        nw = jnp.maximum(sums["nsp"].weight, 1e-8)
-        out["nsp_loss"] = sums["nsp"].loss / nw
-        out["nsp_accuracy"] = sums["nsp"].correct / nw
+    """Means of summed LossSums: part "lm" -> loss/accuracy/tokens, any other part p -> p_loss/p_accuracy."""
+    out = {}
+    for name, part in sums.items():
+        w = jnp.maximum(part.weight, 1e-8)
+        prefix = "" if name == "lm" else f"{name}_"
+        out[prefix + "loss"] = part.loss / w
+        out[prefix + "accuracy"] = part.correct / w
+        if name == "lm":
+            out["tokens"] = part.weight
     return out
 
 
-def make_eval_step(graphdef, state_sh, batch_sh):
+def make_eval_step(graphdef, state_sh, batch_sh, *, loss_fn=None):
+    loss_fn = loss_fn or model_loss
+
     def step(state: TrainState, batch):
         model = nnx.merge(graphdef, state.params, state.rest, copy=True)
-        _, sums = model_loss(model, batch, deterministic=True)
+        _, sums = loss_fn(model, batch, deterministic=True)
         return sums  # summed, so several eval batches add up exactly
 
     return jax.jit(step, in_shardings=(state_sh, batch_sh))
