@@ -296,3 +296,88 @@ def test_k8s_validation_catches_mistakes():
         _validate_jobset(bad_set)
     with pytest.raises(SystemExit, match="DNS label"):
         k8s.jobset_manifest(["train"], name="Bad_Name", image="i")
+
+
+SMALL_MODEL = ["--config.model.d_model=64", "--config.model.mlp_dim=128", "--config.model.num_layers=2",
+               "--config.model.num_heads=4", "--config.train.eval_every=1000", "--config.optim.warmup_steps=2",
+               "--config.optim.schedule=constant"]  # the runs below stop at different steps: same learning rates
+
+
+def _metric_losses(workdir) -> dict:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def _single_process(workdir, data_dir, steps, devices=4):
+    env = _env()
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run([sys.executable, "-m", "llmjax.cli", "train", "--config", str(REPO / "configs/gpt_tiny.py"),
+                           "--workdir", str(workdir), *TINY_TRAIN, *SMALL_MODEL, f"--config.data.data_dir={data_dir}",
+                           f"--config.train.steps={steps}", "--config.train.checkpoint_every=3"],
+                          env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_resumes_in_one_process(tmp_path):
+    """2 processes x 2 devices train 6 steps; 1 process x 4 devices resumes that checkpoint to step 9 and
+    matches an uninterrupted 1-process run of 9 steps (the data-iterator states of both ranks merge)."""
+    data_dir, multi, single = tmp_path / "data", tmp_path / "multi", tmp_path / "single"
+    r = subprocess.run(_launch_cmd(multi, *SMALL_MODEL, f"--config.data.data_dir={data_dir}", "--config.train.steps=6",
+                                   "--config.train.checkpoint_every=3"),
+                       env=_env(), capture_output=True, text=True, timeout=400, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(p.name for p in (multi / "checkpoints" / "6" / "data").glob("process_*")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    resumed = _single_process(multi, data_dir, 9)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from checkpoint {multi / 'checkpoints' / '6'} at step 6" in resumed.stderr
+    ref = _single_process(single, data_dir, 9)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    got, want = _metric_losses(multi), _metric_losses(single)
+    assert sorted(got) == sorted(want) == list(range(1, 10))
+    for step in range(1, 10):  # steps 1-6 by 2 processes, 7-9 by the resumed single process
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_saves_the_same_step_on_every_rank(tmp_path):
+    """A preemption notice reaching only rank 1 (SIGTERM): JAX's preemption sync point makes both ranks
+    stop after the same step, save it together and exit 0; the run then resumes from that step."""
+    data_dir, workdir = tmp_path / "data", tmp_path / "run"
+    proc = subprocess.Popen(_launch_cmd(workdir, *SMALL_MODEL, f"--config.data.data_dir={data_dir}",
+                                        "--config.train.steps=100000", "--config.train.checkpoint_every=0"),
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        pids = {}
+        while len(pids) < 2:
+            line = proc.stdout.readline()
+            assert line, "launcher ended before starting both ranks"
+            if line.startswith("llmjax launch: rank"):
+                words = line.split()
+                pids[int(words[3])] = int(words[5].rstrip(","))
+        t0 = time.monotonic()
+        metrics = workdir / "metrics.jsonl"
+        while len(metrics.read_text().splitlines() if metrics.exists() else []) < 3:  # training for real
+            assert time.monotonic() - t0 < 300 and proc.poll() is None, "training never started"
+            time.sleep(0.2)
+        os.kill(pids[1], signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    logs = [(workdir / "logs" / f"rank{i}.log").read_text() for i in range(2)]
+    saved = []
+    for log in logs:
+        line = next((x for x in log.splitlines() if "preempted (SIGTERM) at step" in x), None)
+        assert line is not None, log[-3000:]
+        saved.append(int(line.split("at step ")[1].split(":")[0]))
+    assert saved[0] == saved[1] > 0
+    step = saved[0]
+    assert [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()] == [step]
+    assert sorted(p.name for p in (workdir / "checkpoints" / str(step) / "data").glob("process_*")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    resumed = _single_process(workdir, data_dir, step + 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {step}" in resumed.stderr and max(_metric_losses(workdir)) == step + 2
