@@ -46,6 +46,7 @@ CHECKPOINTS = "checkpoints"
 CORRUPT = "checkpoints_corrupt"
 EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "config.json"
+BEST = "best"  # WORKDIR/best: parameters of the step with the lowest validation loss (train.keep_best)
 
 
 # -------------------------------------------------------------------------------------- state <-> tree
@@ -370,13 +371,59 @@ def export(workdir, out) -> int:
     """Write the parameters of WORKDIR's newest good checkpoint to OUT/params (an Orbax checkpoint of the
     nested dict nnx.State.to_pure_dict()) and OUT/config.json (the run config). Returns the step exported."""
     state, step, cfg_json = load_latest(workdir)
-    out = Path(out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as w:
-        w.save(out / EXPORT_PARAMS, state.params.to_pure_dict(), force=True)
-    if jax.process_index() == 0:
-        (out / EXPORT_CONFIG).write_text(json.dumps({**cfg_json, "exported_step": step}, indent=2) + "\n")
+    write_params(out, state.params.to_pure_dict(), cfg_json, exported_step=step)
     return step
+
+
+def write_params(out, params, cfg_json: dict, **extra) -> None:
+    """OUT/params + OUT/config.json (the export layout), written next to OUT and renamed into place, so
+    that OUT is always either the previous complete export or the new one. All processes call this."""
+    out = Path(out).absolute()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_CONFIG).exists())):
+        raise FileExistsError(f"{out} exists and is not an llmjax export (no {EXPORT_CONFIG}); choose a new "
+                              "directory, the existing one is left as it is")
+    tmp = out.with_name(out.name + ".tmp")
+    old = out.with_name(out.name + ".old")
+    if jax.process_index() == 0:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from a killed run
+        tmp.mkdir(parents=True)
+    _sync("llmjax_write_params_start")
+    with ocp.StandardCheckpointer() as w:
+        w.save(tmp / EXPORT_PARAMS, params, force=True)
+    if jax.process_index() == 0:
+        (tmp / EXPORT_CONFIG).write_text(json.dumps({**cfg_json, **extra}, indent=2) + "\n")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            import shutil
+
+            shutil.rmtree(old)
+    _sync("llmjax_write_params_done")
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def read_best(workdir) -> tuple[int, float] | None:
+    """(step, validation loss) of WORKDIR/best, or None when there is none yet."""
+    path = Path(workdir) / BEST / EXPORT_CONFIG
+    if not path.exists():
+        return None
+    cfg = json.loads(path.read_text())
+    return int(cfg["exported_step"]), float(cfg["validation_loss"])
+
+
+def save_best(workdir, step: int, state, loss: float, cfg_json: dict) -> None:
+    """Keep the parameters of `step` in WORKDIR/best (loadable with load_exported, like `llmjax export`)."""
+    write_params(Path(workdir) / BEST, state.params.to_pure_dict(), cfg_json, exported_step=int(step),
+                 validation_loss=float(loss))
 
 
 def load_exported(directory):

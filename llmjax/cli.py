@@ -118,7 +118,7 @@ def _export(args: list[str]) -> int:
 
     try:
         step = export(ns.workdir, ns.out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, FileExistsError) as e:
         raise SystemExit(f"llmjax export: {e}")
     print(f"exported the parameters of step {step} to {ns.out}")
     return 0

@@ -43,6 +43,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.peak_flops = 0.0  # per device, for MFU; 0 = known accelerator peak or a measured matmul peak on CPU
     c.checkpoint_every = 100  # asynchronous Orbax save every this many steps (and at the end); 0 = only at the end
     c.keep_checkpoints = 3  # the newest K complete checkpoints are kept in WORKDIR/checkpoints
+    c.keep_best = False  # also keep the parameters with the lowest validation loss in WORKDIR/best (export layout)
     return c
 
 
@@ -474,6 +475,7 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
     window_start, window_steps = time.perf_counter(), 0
     step = start_step
     preempted = None
+    best = ckpt_lib.read_best(workdir)  # (step, validation loss) kept so far, across resumes
     with ckpt_lib.Preemption() as preemption:
         try:
             while step < tc.steps:
@@ -496,6 +498,9 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
                 if step % tc.eval_every == 0 or step == tc.steps:
                     last_eval = evaluate()
                     writer.write(step, last_eval, "eval")
+                    if tc.get("keep_best", False) and last_eval and (best is None or last_eval["loss"] < best[1]):
+                        ckpt_lib.save_best(workdir, step, state, last_eval["loss"], cfg_json)
+                        best = (step, last_eval["loss"])
                     bar.write(f"step {step}: validation loss {last_eval['loss']:.4f} "
                               f"(accuracy {last_eval['accuracy']:.3f})")
                     if model_cfg.family == "decoder" and tc.num_samples:

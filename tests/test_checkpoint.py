@@ -210,3 +210,58 @@ def test_export_writes_params_only_and_they_load_into_a_model(tmp_path, data_dir
     meta = json.loads((out / checkpoint.EXPORT_PARAMS / "_METADATA").read_text())
     names = json.dumps(meta)
     assert "opt_state" not in names and "mu" not in json.dumps(list(meta.get("tree_metadata", {}).keys()))
+
+
+def _leaves(tree) -> dict:
+    """{path without a trailing 'value': array} of a nested dict restored by Orbax."""
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = tuple(checkpoint._name(k) for k in path)
+        out[names[:-1] if names[-1] == "value" else names] = np.asarray(x)
+    return out
+
+
+def test_keep_best_keeps_the_lowest_validation_loss_across_resumes(tmp_path, data_dir):
+    import orbax.checkpoint as ocp
+
+    work = tmp_path / "w"
+    best_args = ("--config.train.keep_best=True", "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+                 "--config.train.keep_checkpoints=10", "--config.optim.learning_rate=0.05")
+    train(*args(work, data_dir, 8, *best_args))
+    evals = {r["step"]: r["eval/loss"] for r in read_metrics(work) if "eval/loss" in r and r["step"] > 0}
+    assert sorted(evals) == [2, 4, 6, 8]  # (step 0, the untrained model, is evaluated but never kept)
+    best_step = min(evals, key=evals.get)
+    cfg = json.loads((work / checkpoint.BEST / checkpoint.EXPORT_CONFIG).read_text())
+    assert cfg["exported_step"] == best_step and abs(cfg["validation_loss"] - evals[best_step]) < 1e-6
+    assert checkpoint.read_best(work) == (best_step, cfg["validation_loss"])
+    with ocp.StandardCheckpointer() as r:
+        kept = _leaves(r.restore(work / checkpoint.BEST / checkpoint.EXPORT_PARAMS))
+        saved = _leaves(r.restore(work / "checkpoints" / str(best_step) / "state")["params"])
+    assert kept.keys() == saved.keys() and len(kept) > 5
+    for k in kept:
+        np.testing.assert_array_equal(kept[k], saved[k], err_msg=str(k))
+    # A resumed run compares with the best so far: make it unbeatable, continue; WORKDIR/best is untouched.
+    cfg["validation_loss"] = -1.0
+    (work / checkpoint.BEST / checkpoint.EXPORT_CONFIG).write_text(json.dumps(cfg))
+    before = hashes(work / checkpoint.BEST)
+    train(*args(work, data_dir, 12, *best_args))
+    assert max(r["step"] for r in read_metrics(work) if "eval/loss" in r) == 12
+    assert hashes(work / checkpoint.BEST) == before
+    model, _ = checkpoint.load_exported(work / checkpoint.BEST)  # the export layout: loads like `llmjax export`
+    assert model.cfg.num_layers == 2
+
+
+def test_export_refuses_a_directory_that_is_not_an_export(tmp_path, data_dir):
+    work, out = tmp_path / "w", tmp_path / "mine"
+    train(*args(work, data_dir, 4))
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    with pytest.raises(SystemExit, match="is not an llmjax export"):
+        cli.main(["llmjax", "export", f"--workdir={work}", f"--out={out}"])
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "my notes"
+    # Exporting again over an earlier export replaces it whole.
+    again = tmp_path / "export"
+    for _ in range(2):
+        assert cli.main(["llmjax", "export", f"--workdir={work}", f"--out={again}"]) == 0
+    assert sorted(p.name for p in again.iterdir()) == [checkpoint.EXPORT_CONFIG, checkpoint.EXPORT_PARAMS]
+    assert not again.with_name("export.tmp").exists() and not again.with_name("export.old").exists()
