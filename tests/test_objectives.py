@@ -370,6 +370,21 @@ def test_span_corruption_as_a_decoder_objective():
             assert len(ex["targets"]) == objective.pack_length
 
 
+def test_span_corruption_for_a_causal_decoder_has_no_prefix_mask():
+    """bidirectional_inputs=False: the same sequence and loss weights, attended causally (Raffel et al.'s
+    decoder-only LM with the denoising objective)."""
+    docs = random_docs(np.random.default_rng(12), 10, 50, 200)
+    config = dict(inputs_length=64)
+    a = SpanCorruption(SpanCorruptionConfig(**config), IDS, family="decoder")(docs, np.random.default_rng(3))
+    b = SpanCorruption(SpanCorruptionConfig(**config, bidirectional_inputs=False), IDS, family="decoder")(
+        docs, np.random.default_rng(3))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert "prefix_mask" in x and "prefix_mask" not in y
+        for k in ("inputs", "targets", "weights"):
+            np.testing.assert_array_equal(x[k], y[k])
+
+
 def test_span_corruption_refuses_more_spans_than_sentinels():
     with pytest.raises(ValueError, match="sentinels"):
         SpanCorruption(SpanCorruptionConfig(inputs_length=512), SpecialIds(1000, num_sentinels=10))

@@ -107,6 +107,9 @@ class SpanCorruptionConfig:
     inputs_length: int = 512  # inputs of a full-length example, eos included; targets length is derived
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0
+    # decoder family only: True = the corrupted inputs are a bidirectional prefix (UL2's non-causal decoder);
+    # False = one plain causal sequence inputs ++ targets (Raffel et al.'s decoder-only LM with denoising)
+    bidirectional_inputs: bool = True
 
     def __post_init__(self):
         if not 0.0 < self.noise_density < 1.0:
@@ -125,7 +128,8 @@ class SpanCorruption:
 
     encoder_decoder:  encoder_inputs = inputs; decoder_targets = targets, decoder_inputs shifted right from pad.
     decoder:          one sequence inputs ++ targets (as UL2): loss only on the targets part, the inputs part
-                      a bidirectional prefix (prefix_mask), teacher-forced from bos.
+                      a bidirectional prefix (prefix_mask; bidirectional_inputs=False: causal throughout),
+                      teacher-forced from bos.
     """
 
     name = NAME
@@ -158,7 +162,7 @@ class SpanCorruption:
         mask = random_spans_noise_mask(len(tokens), c.noise_density, c.mean_noise_span_length, rng)
         inputs, targets = corrupt(tokens, mask, self.ids)
         if self.family == "decoder":
-            return decoder_example(inputs, targets, self.ids.bos, with_prefix_mask=True)
+            return decoder_example(inputs, targets, self.ids.bos, with_prefix_mask=c.bidirectional_inputs)
         return encoder_decoder_example(inputs, targets, start=self.ids.pad)
 
     def __call__(self, documents, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:

@@ -1,0 +1,33 @@
+"""The default objective comparison: six (architecture, objective) cells, as in Raffel et al. 2020 (Table 2)
+and Wang et al. 2022, at CPU scale. Every cell shares the same components (pre-norm LayerNorm, GELU MLP,
+learned positions, d_model 256, 4 heads, vocabulary 8,192) and the same training FLOPs; decoders and the
+encoder have 4 layers, the encoder-decoders 2 + 2 (about the same parameters).
+
+    llmjax compare --grid configs/compare/objectives.py --workdir runs/compare
+"""
+
+from llmjax.compare import default_grid
+
+SHARED = dict(vocab_size=8192, d_model=256, num_heads=4, mlp_dim=1024, activation="gelu_tanh", norm="layernorm",
+              norm_position="pre", position="learned", max_length=256, tie_embeddings=True)
+DECODER = dict(SHARED, family="decoder", num_layers=4)
+ENCODER = dict(SHARED, family="encoder", num_layers=4)
+ENCODER_DECODER = dict(SHARED, family="encoder_decoder", num_layers=2, num_decoder_layers=2)
+
+
+def get_grid():
+    g = default_grid()
+    g.budget_flops = 8e12  # per cell: about 120 steps of the causal decoder at 16 x 128 tokens
+    g.train.update(batch_size=16, seq_length=128, log_every=5, eval_batches=8)
+    g.optim.update(learning_rate=2e-3, warmup_steps=15, schedule="cosine")
+    g.cells = [
+        dict(name="causal_decoder.causal_lm", objective="causal_lm", model=DECODER),
+        dict(name="prefix_decoder.prefix_lm", objective="prefix_lm", model=DECODER),
+        dict(name="encoder_decoder.span_corruption", objective="span_corruption", model=ENCODER_DECODER),
+        dict(name="encoder_decoder.prefix_lm", objective="prefix_lm", model=ENCODER_DECODER,
+             objective_args=dict(max_length=64)),  # 64 tokens per side: about a 128-token document window
+        dict(name="encoder.mlm", objective="mlm", model=ENCODER),
+        dict(name="causal_decoder.span_corruption", objective="span_corruption", model=DECODER,
+             objective_args=dict(bidirectional_inputs=False)),
+    ]
+    return g

@@ -1,0 +1,708 @@
+"""`llmjax compare --grid configs/compare/objectives.py --workdir runs/compare`: which architecture and
+pretraining objective work best for a corpus and a compute budget.
+
+Every cell of the grid (a model family x an objective) trains on the same prepared corpus and tokenizer with
+the same optimizer and seed for the same number of training FLOPs (`llmjax.models.flops.train_flops`, counted
+the same way for every family: the steps of a cell are budget / FLOPs of one of its batches). Then three
+yardsticks, computed the same way for every cell, make the objectives comparable:
+
+1. continuation perplexity: held-out windows of `window_length` tokens are split in half; the model scores
+   the second half given the first (decoder: one causal sequence; encoder-decoder: first half in the
+   encoder). Cells first get the same short LM adaptation (`lm_adapt_steps` more steps: causal LM for
+   decoders, prefix LM for encoder-decoders, as Wang et al. 2022 did for non-causal models; the causal-LM
+   cell simply trains those steps more). Encoder-only models have no left-to-right factorisation: n/a.
+2. span infilling accuracy: one span of `infill_span` tokens in the middle of each held-out window, hidden
+   in each model's own format (BERT: [MASK] tokens; span corruption: a sentinel, right context visible;
+   causal / prefix LM: the left context only); the teacher-forced accuracy on the span's tokens.
+3. probe accuracy: passages of `probe_length` tokens classified as documentation or source code (the
+   corpus's document kinds); the pretrained model plus a linear head on its mean-pooled last hidden states
+   (decoder stack / encoder) is fine-tuned for `probe_steps` steps; accuracy on held-out documents.
+
+Outputs in WORKDIR: RESULTS.md (one row per cell), results.json, loss_vs_flops.png (each cell's own
+training loss against FLOPs) and yardsticks.png. Finished cells (WORKDIR/cells/<name>/cell.json) are
+skipped when the grid runs again, an interrupted cell resumes from its checkpoint, and a failed cell is
+reported without stopping the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from llmjax.models.config import ConfigError, ModelConfig
+
+log = logging.getLogger("llmjax")
+
+CELLS = "cells"
+CELL_RESULT = "cell.json"
+YARDSTICKS = ("continuation_ppl", "infill_accuracy", "probe_accuracy")
+
+
+# ------------------------------------------------------------------------------------------------ grid
+def default_grid() -> ml_collections.ConfigDict:
+    """The fields a grid file sets (its get_grid() starts from this)."""
+    from llmjax.data.prepare import default_data_config
+
+    g = ml_collections.ConfigDict()
+    g.budget_flops = 1e13  # training FLOPs of every cell
+    g.seed = 0
+    g.data = default_data_config()
+    g.train = ml_collections.ConfigDict(dict(batch_size=16, seq_length=128, log_every=10, eval_every=0,
+                                             eval_batches=8, checkpoint_every=0, num_samples=0))
+    g.optim = ml_collections.ConfigDict(dict(learning_rate=2e-3, warmup_steps=20, schedule="cosine"))
+    g.yardsticks = ml_collections.ConfigDict(dict(
+        window_length=96, eval_windows=256, eval_batch_size=32, infill_span=3,
+        lm_adapt_steps=40, lm_adapt_learning_rate=1e-3,
+        probe_length=24, probe_train_examples=1024, probe_eval_examples=512, probe_steps=60,
+        probe_batch_size=32, probe_learning_rate=5e-4))
+    g.cells = []  # dicts: name, objective, model (ModelConfig fields), optional objective_args, train
+    return g
+
+
+def load_grid(path) -> ml_collections.ConfigDict:
+    import importlib.util
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--grid: {str(path)!r} does not exist; e.g. --grid configs/compare/objectives.py")
+    spec = importlib.util.spec_from_file_location(f"llmjax_grid_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_grid"):
+        raise ConfigError(f"grid file {str(path)!r} has no get_grid() function")
+    grid = module.get_grid()
+    check_grid(grid)
+    return grid
+
+
+def check_grid(grid) -> None:
+    if not grid.cells:
+        raise ConfigError("grid.cells is empty: list the (family, objective) cells to compare")
+    names = [c["name"] for c in grid.cells]
+    for c in grid.cells:
+        for key in ("name", "objective", "model"):
+            if key not in c:
+                raise ConfigError(f"grid.cells: cell {c.get('name', c)!r} has no {key!r}")
+        if not c["name"].replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise ConfigError(f"grid.cells: cell name {c['name']!r} must be letters, digits, '.', '-' or '_'")
+    vocab = {dict(c["model"]).get("vocab_size") for c in grid.cells}
+    if len(vocab) != 1:
+        raise ConfigError(f"grid.cells: every cell must use the same model.vocab_size (one tokenizer), got {vocab}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"grid.cells: names must be unique, {dup} repeat")
+    if grid.budget_flops <= 0:
+        raise ConfigError(f"grid.budget_flops must be > 0, got {grid.budget_flops}")
+
+
+def cell_config(grid, cell: dict, data_root) -> ml_collections.ConfigDict:
+    """The run config of one cell: its model and objective, the grid's shared data/train/optim sections,
+    and the number of steps that spends grid.budget_flops (steps set by `budget_steps`)."""
+    from llmjax.config import base_config
+
+    cfg = base_config(objective=cell["objective"], **dict(cell["model"]))
+    cfg.data.update(grid.data.to_dict())
+    cfg.data.vocab_size = cfg.model.vocab_size
+    cfg.data.data_dir = str(data_root)
+    cfg.train.update(grid.train.to_dict())
+    cfg.train.update(dict(cell.get("train", {})))
+    cfg.train.seed = int(grid.seed)
+    cfg.optim.update(grid.optim.to_dict())
+    for k, v in dict(cell.get("objective_args", {})).items():
+        cfg.objective_args[k] = v
+    ModelConfig.from_dict(cfg.model)  # named errors for a bad model section
+    return cfg
+
+
+def flops_per_step(cfg, ids) -> float:
+    """Training FLOPs of one global batch of this config: every row a full packed example."""
+    from llmjax.data.pipeline import batch_spec
+    from llmjax.models.flops import train_flops
+    from llmjax.objectives import make_objective
+    from llmjax.train import objective_config_for
+
+    model_cfg = ModelConfig.from_dict(cfg.model)
+    objective = make_objective(cfg.objective, ids, model_cfg.family, **objective_config_for(cfg))
+    lengths = {k: v.shape[1] for k, v in batch_spec(objective, 1).items() if len(v.shape) == 2}
+    enc_len = lengths.get("encoder_inputs", lengths.get("inputs"))
+    return cfg.train.batch_size * train_flops(model_cfg, enc_len, lengths.get("decoder_inputs"))
+
+
+def budget_steps(cfg, ids, budget: float) -> tuple[int, float]:
+    per_step = flops_per_step(cfg, ids)
+    steps = max(1, int(round(budget / per_step)))
+    return steps, per_step
+
+
+# ------------------------------------------------------------------------------------- the whole grid
+def compare(grid, workdir, *, max_cells: int | None = None, progress: bool = False) -> dict:
+    """Run every unfinished cell (at most `max_cells` of them), then write the outputs from all finished
+    cells. Returns the results dict written to results.json."""
+    from llmjax.data.prepare import prepare
+    from llmjax.data.shards import TOKENIZER_FILE
+    from llmjax.data.tokenizer import Tokenizer
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    check_grid(grid)
+    data_root = workdir / "data"
+    for cell in grid.cells:  # a mistake in any cell's model section stops the grid before anything runs
+        try:
+            cell_config(grid, dict(cell), data_root)
+        except (ConfigError, ValueError) as e:
+            raise ConfigError(f"grid cell {cell['name']!r}: {e}") from None
+    first = cell_config(grid, grid.cells[0], data_root)
+    manifest = prepare(first.data, workdir, progress=progress)
+    data_dir = Path(manifest["dir"])
+    tokenizer = Tokenizer.load(data_dir / TOKENIZER_FILE)
+    ran = 0
+    for cell in grid.cells:
+        cell = dict(cell)
+        out = workdir / CELLS / cell["name"]
+        if (out / CELL_RESULT).exists():
+            log.info("cell %s: finished earlier, skipping (%s)", cell["name"], out / CELL_RESULT)
+            continue
+        if max_cells is not None and ran >= max_cells:
+            log.info("cell %s: not run (--max-cells %d reached); run the command again to continue", cell["name"],
+                     max_cells)
+            continue
+        ran += 1
+        try:
+            result = run_cell(grid, cell, out, data_root, data_dir, tokenizer, progress=progress)
+            _write_json(out / CELL_RESULT, result)
+        except Exception as e:  # one bad cell must not lose the others
+            log.error("cell %s failed: %s", cell["name"], e)
+            out.mkdir(parents=True, exist_ok=True)
+            first = (str(e).splitlines() or [""])[0][:300]
+            (out / "error.txt").write_text(f"{type(e).__name__}: {first}\n\n{traceback.format_exc()}")
+    results = collect(grid, workdir)
+    write_outputs(results, workdir)
+    return results
+
+
+def collect(grid, workdir) -> dict:
+    workdir = Path(workdir)
+    rows = []
+    for cell in grid.cells:
+        out = workdir / CELLS / cell["name"]
+        if (out / CELL_RESULT).exists():
+            rows.append({**json.loads((out / CELL_RESULT).read_text()), "status": "done"})
+        elif (out / "error.txt").exists():
+            last = (out / "error.txt").read_text().splitlines()[0]
+            rows.append({"name": cell["name"], "objective": cell["objective"],
+                         "family": dict(cell["model"]).get("family"), "status": "failed", "error": last})
+        else:
+            rows.append({"name": cell["name"], "objective": cell["objective"],
+                         "family": dict(cell["model"]).get("family"), "status": "pending"})
+    return {"budget_flops": float(grid.budget_flops), "seed": int(grid.seed),
+            "yardsticks": grid.yardsticks.to_dict(), "cells": rows}
+
+
+# ------------------------------------------------------------------------------------------ one cell
+def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, tokenizer, *,
+             progress: bool = False) -> dict:
+    from llmjax import checkpoint
+    from llmjax.metrics import read_metrics
+    from llmjax.models.layers import count_params
+    from llmjax.train import train_and_evaluate
+
+    t0 = time.time()
+    cfg = cell_config(grid, cell, data_root)
+    steps, per_step = budget_steps(cfg, tokenizer.special_ids, float(grid.budget_flops))
+    cfg.train.steps = steps
+    if not cfg.train.eval_every:
+        cfg.train.eval_every = max(1, steps // 4)
+    if not cfg.train.checkpoint_every:
+        cfg.train.checkpoint_every = max(1, steps // 4)
+    log.info("cell %s: %s + %s, %d steps x %.3g FLOPs = %.3g FLOPs", cell["name"], cfg.model.family,
+             cfg.objective, steps, per_step, steps * per_step)
+    summary = train_and_evaluate(cfg, out, progress=progress)
+    state, step, _ = checkpoint.load_latest(out)
+    model_cfg = ModelConfig.from_dict(cfg.model)
+    model = _model_from(model_cfg, state)
+    ys = grid.yardsticks
+    windows = validation_windows(data_dir, ys)
+    infill = infill_accuracy(model, cfg.objective, windows, tokenizer.special_ids, ys,
+                             bidirectional_inputs=bool(cfg.objective_args.get("bidirectional_inputs", True)))
+    probe = probe_accuracy(model_cfg, state, cfg, data_dir, tokenizer, ys, seed=int(grid.seed))
+    ppl = None
+    if model_cfg.family != "encoder":
+        adapted = lm_adapt(model_cfg, state, cfg, data_dir, ys)
+        ppl = continuation_perplexity(adapted, windows, tokenizer.special_ids, ys)
+    rows = read_metrics(out)
+    curve = [(r["step"] * per_step, r["train/loss"]) for r in rows if "train/loss" in r]
+    eval_rows = [r for r in rows if "eval/loss" in r]
+    return {
+        "name": cell["name"], "family": model_cfg.family, "objective": cfg.objective,
+        "params": count_params(state.params), "steps": steps, "flops_per_step": per_step,
+        "train_flops": steps * per_step, "final_step": step,
+        "own_loss": eval_rows[-1]["eval/loss"] if eval_rows else summary.get("eval", {}).get("loss"),
+        "continuation_ppl": ppl, "infill_accuracy": infill, "probe_accuracy": probe,
+        "curve": curve, "seconds": time.time() - t0,
+    }
+
+
+def _model_from(model_cfg: ModelConfig, state):
+    from llmjax.models.transformer import build_model
+
+    graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, 0)), nnx.Param, ...)
+    return nnx.merge(graphdef, state.params, state.rest, copy=True)
+
+
+# ------------------------------------------------------------------------------------- held-out data
+@dataclasses.dataclass
+class Windows:
+    tokens: np.ndarray  # [N, window_length] held-out token windows
+
+
+def validation_windows(data_dir: Path, ys) -> Windows:
+    """The first `eval_windows` non-overlapping windows of `window_length` tokens of the validation split."""
+    from llmjax.data.shards import TokenShards
+
+    val = TokenShards(data_dir, "validation")
+    n, out = int(ys.window_length), []
+    for i in range(len(val)):
+        doc = val[i]
+        for s in range(0, len(doc) - n + 1, n):
+            out.append(doc[s:s + n])
+            if len(out) == ys.eval_windows:
+                return Windows(np.stack(out))
+    if not out:
+        raise ConfigError(f"yardsticks.window_length={n}: no validation document is that long")
+    return Windows(np.stack(out))
+
+
+def _pad(rows: list[dict], length: int | dict | None = None) -> dict:
+    """Stack variable-length examples, padding with 0 (weights 0, segment 0)."""
+    out = {}
+    for key in rows[0]:
+        width = max(len(r[key]) for r in rows)
+        arr = np.zeros((len(rows), width), np.asarray(rows[0][key]).dtype)
+        for i, r in enumerate(rows):
+            arr[i, :len(r[key])] = r[key]
+        out[key] = arr
+    return out
+
+
+def _segments(batch: dict, key: str, prefix: str = "") -> None:
+    """segment ids (1 on real tokens) and positions for the padded rows of batch[key]."""
+    lengths = batch.pop(f"_{key}_len")
+    width = batch[key].shape[1]
+    batch[prefix + "segment_ids"] = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+    batch[prefix + "positions"] = np.broadcast_to(np.arange(width, dtype=np.int32), batch[key].shape).copy()
+
+
+def _decoder_rows(pairs, ids, prefix_lm: bool, scored=None) -> dict:
+    """(prefix, target) pairs -> a padded decoder batch; weights on the target tokens (or on `scored`
+    positions of the target, a per-row slice)."""
+    from llmjax.objectives import decoder_example
+
+    rows = []
+    for i, (p, t) in enumerate(pairs):
+        ex = decoder_example(np.asarray(p, np.int32), np.asarray(t, np.int32), ids.bos, with_prefix_mask=prefix_lm)
+        if scored is not None:
+            w = np.zeros_like(ex["weights"])
+            w[len(p) + scored[i].start: len(p) + scored[i].stop] = 1.0
+            ex["weights"] = w
+        ex["_inputs_len"] = len(ex["inputs"])
+        rows.append(ex)
+    lengths = np.array([r.pop("_inputs_len") for r in rows])
+    batch = _pad(rows)
+    batch["_inputs_len"] = lengths
+    _segments(batch, "inputs")
+    if "prefix_mask" in batch:
+        batch["prefix_mask"] = batch["prefix_mask"].astype(bool)
+    return batch
+
+
+def _encdec_rows(pairs, ids, scored=None) -> dict:
+    from llmjax.objectives import encoder_decoder_example
+
+    rows = []
+    for i, (e, t) in enumerate(pairs):
+        ex = encoder_decoder_example(np.asarray(e, np.int32), np.asarray(t, np.int32), start=ids.pad)
+        if scored is not None:
+            w = np.zeros_like(ex["decoder_weights"])
+            w[scored[i]] = 1.0
+            ex["decoder_weights"] = w
+        rows.append(ex)
+    enc_len = np.array([len(r["encoder_inputs"]) for r in rows])
+    dec_len = np.array([len(r["decoder_inputs"]) for r in rows])
+    batch = _pad(rows)
+    batch["_encoder_inputs_len"], batch["_decoder_inputs_len"] = enc_len, dec_len
+    _segments(batch, "encoder_inputs", "encoder_")
+    _segments(batch, "decoder_inputs", "decoder_")
+    return batch
+
+
+@nnx.jit
+def _scored(model, batch):
+    """LossSums (summed cross-entropy, weight, correct) of the weighted target tokens of one batch."""
+    from llmjax.objectives import losses
+
+    family = model.cfg.family
+    if family == "decoder":
+        logits = model(batch["inputs"], batch["segment_ids"], batch["positions"],
+                       prefix_mask=batch.get("prefix_mask"))
+        return losses.cross_entropy(logits, batch["targets"], batch["weights"])
+    if family == "encoder_decoder":
+        logits = model(batch["encoder_inputs"], batch["decoder_inputs"], batch["encoder_segment_ids"],
+                       batch["decoder_segment_ids"], batch["encoder_positions"], batch["decoder_positions"])
+        return losses.cross_entropy(logits, batch["decoder_targets"], batch["decoder_weights"])
+    out = model(batch["inputs"], batch["segment_ids"], batch["positions"], jnp.zeros_like(batch["inputs"]))
+    return losses.cross_entropy(out["mlm_logits"], batch["targets"], batch["weights"])
+
+
+def _score_all(model, batches) -> tuple[float, float, float]:
+    loss = weight = correct = 0.0
+    for b in batches:
+        s = _scored(model, {k: jnp.asarray(v) for k, v in b.items()})
+        loss, weight, correct = loss + float(s.loss), weight + float(s.weight), correct + float(s.correct)
+    return loss, weight, correct
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+# -------------------------------------------------------------------------------------- yardsticks
+def continuation_perplexity(model, windows: Windows, ids, ys) -> float:
+    """exp(mean cross-entropy) of the second half of every window given the first half."""
+    half = windows.tokens.shape[1] // 2
+    pairs = [(w[:half], w[half:]) for w in windows.tokens]
+    if model.cfg.family == "encoder_decoder":
+        eos = np.array([ids.eos], np.int32)
+        batches = [_encdec_rows([(np.concatenate([p, eos]), t) for p, t in chunk], ids)
+                   for chunk in _chunks(pairs, ys.eval_batch_size)]
+    else:
+        batches = [_decoder_rows(chunk, ids, prefix_lm=False) for chunk in _chunks(pairs, ys.eval_batch_size)]
+    loss, weight, _ = _score_all(model, batches)
+    return float(math.exp(loss / weight))
+
+
+def infill_accuracy(model, objective: str, windows: Windows, ids, ys, *, bidirectional_inputs: bool = True) -> float:
+    """Teacher-forced accuracy on a span of `infill_span` tokens in the middle of every window, hidden in
+    the format of the model's own objective (bidirectional_inputs: span corruption's decoder option)."""
+    from llmjax.objectives.span_corruption import corrupt
+
+    k = int(ys.infill_span)
+    n = windows.tokens.shape[1]
+    a = n // 2
+    family = model.cfg.family
+    examples = []
+    for w in windows.tokens:
+        span = w[a:a + k]
+        if objective == "mlm":  # [CLS] w with the span as [MASK]s [SEP]
+            inputs = np.concatenate([[ids.cls], w[:a], np.full(k, ids.mask), w[a + k:], [ids.sep]]).astype(np.int32)
+            targets = np.concatenate([[ids.cls], w, [ids.sep]]).astype(np.int32)
+            weights = np.zeros(len(inputs), np.float32)
+            weights[1 + a:1 + a + k] = 1.0
+            examples.append({"inputs": inputs, "targets": targets, "weights": weights})
+        elif objective == "span_corruption":  # the span becomes sentinel 0; targets: sentinel 0, span, eos
+            mask = np.zeros(n, bool)
+            mask[a:a + k] = True
+            inputs, targets = corrupt(w, mask, ids)
+            examples.append((inputs, targets, slice(1, 1 + k)))
+        else:  # causal / prefix LM: the left context, then the span
+            examples.append((w[:a], span, slice(0, k)))
+    if objective == "mlm":
+        batches = []
+        for chunk in _chunks(examples, ys.eval_batch_size):
+            b = _pad(chunk)
+            b["_inputs_len"] = np.array([len(e["inputs"]) for e in chunk])
+            _segments(b, "inputs")
+            batches.append(b)
+    elif family == "encoder_decoder":
+        eos = np.array([ids.eos], np.int32)
+        batches = []
+        for chunk in _chunks(examples, ys.eval_batch_size):
+            pairs = [(e if objective == "span_corruption" else np.concatenate([e, eos]), t) for e, t, _ in chunk]
+            batches.append(_encdec_rows(pairs, ids, scored=[s for _, _, s in chunk]))
+    else:
+        prefix = objective == "prefix_lm" or (objective == "span_corruption" and bidirectional_inputs)
+        batches = [_decoder_rows([(e, t) for e, t, _ in chunk], ids, prefix_lm=prefix,
+                                 scored=[s for _, _, s in chunk])
+                   for chunk in _chunks(examples, ys.eval_batch_size)]
+    _, weight, correct = _score_all(model, batches)
+    return correct / weight
+
+
+# ---------------------------------------------------------------------------------------- LM adaptation
+def lm_adapt(model_cfg: ModelConfig, state, cfg, data_dir: Path, ys):
+    """`lm_adapt_steps` more steps of causal LM (decoder) or prefix LM (encoder-decoder) from `state`'s
+    parameters with a fresh optimizer; returns the adapted model."""
+    from llmjax import sharding as shd
+    from llmjax.data import pipeline
+    from llmjax.train import global_batch
+
+    objective = "causal_lm" if model_cfg.family == "decoder" else "prefix_lm"
+    length_key = "max_length"
+    seq = int(cfg.train.seq_length)
+    obj_cfg = {length_key: seq if model_cfg.family == "decoder" else max(seq // 2, 3)}
+    it = pipeline.make_train_iterator(data_dir, objective, global_batch_size=int(cfg.train.batch_size),
+                                      seed=int(cfg.train.seed) + 1, family=model_cfg.family, objective_config=obj_cfg)
+    steps = int(ys.lm_adapt_steps)
+    optim = ml_collections.ConfigDict(cfg.optim.to_dict())
+    optim.update(learning_rate=float(ys.lm_adapt_learning_rate), warmup_steps=min(10, steps // 4), schedule="constant")
+    mesh = shd.make_mesh(shd.mesh_config())
+    fitted = _fit(_model_from(model_cfg, state), optim, steps, (global_batch(next(it), mesh) for _ in range(steps)),
+                  mesh)
+    it.close() if hasattr(it, "close") else None
+    return fitted
+
+
+def _fit(model, optim_cfg, steps: int, batches, mesh, *, loss_fn=None, weights_fn=None):
+    """`steps` optimizer steps of the shared train step on `model` (parameters replicated: the small
+    models of a comparison), returning the trained model."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from llmjax.train import TrainState, make_optimizer, make_train_step
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(optim_cfg, steps)
+    replicated = NamedSharding(mesh, P())
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
+    state_sh = jax.tree.map(lambda _: replicated, state)
+    state = jax.device_put(state, state_sh, may_alias=False)  # a copy: the step donates it, `model` stays valid
+    step_fn = None
+    for batch in batches:
+        if step_fn is None:
+            batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+            step_fn = make_train_step(graphdef, tx, state_sh, batch_sh, loss_fn=loss_fn, weights_fn=weights_fn)
+        state, _ = step_fn(state, batch)
+    return nnx.merge(graphdef, state.params, state.rest, copy=True)
+
+
+# ------------------------------------------------------------------------------------------- the probe
+class Probe(nnx.Module):
+    """A pretrained model + a linear head on the mean of its last hidden states over the real tokens
+    (decoder: the decoder stack; encoder and encoder-decoder: the encoder)."""
+
+    def __init__(self, backbone, num_classes: int, *, rngs: nnx.Rngs):
+        from llmjax.models.layers import Linear
+
+        self.backbone = backbone
+        self.cfg = backbone.cfg
+        self.head = Linear(self.cfg.d_model, num_classes, axes=("embed", None), use_bias=True,
+                           init_std=self.cfg.init_std, rngs=rngs)
+
+    def features(self, tokens, segment_ids, positions, deterministic=True):
+        b = self.backbone
+        if self.cfg.family == "decoder":
+            x = b.embedder(tokens, positions, deterministic=deterministic)
+            x, _ = b.decoder(x, segment_ids, positions, deterministic=deterministic)
+        else:
+            x = b.encode(tokens, segment_ids, positions, deterministic=deterministic)
+        real = (segment_ids > 0).astype(jnp.float32)[..., None]
+        return jnp.sum(x.astype(jnp.float32) * real, axis=1) / jnp.maximum(jnp.sum(real, axis=1), 1.0)
+
+    def __call__(self, tokens, segment_ids, positions, deterministic=True):
+        return self.head(self.features(tokens, segment_ids, positions, deterministic)).astype(jnp.float32)
+
+
+def _probe_loss(model, batch, *, label_smoothing=0.0, z_loss=0.0, deterministic=True):
+    from llmjax.objectives import losses
+
+    logits = model(batch["inputs"], batch["segment_ids"], batch["positions"], deterministic)
+    sums = losses.cross_entropy(logits, batch["labels"], batch["label_weights"], label_smoothing=label_smoothing)
+    return sums.loss, {"probe": sums}
+
+
+def _probe_weights(batch):
+    return {"probe": jnp.sum(batch["label_weights"].astype(jnp.float32))}
+
+
+def probe_examples(shards, kinds: tuple[str, str], length: int, count: int, seed: int, *, start: int | None):
+    """`count` passages of `length` tokens, half of each kind, from distinct documents where possible,
+    each preceded by the token `start` unless None; (tokens [count, L(+1)], labels [count]) shuffled."""
+    rng = np.random.default_rng(seed)
+    per_kind = count // 2
+    tokens, labels = [], []
+    for label, kind in enumerate(kinds):
+        docs = [i for i in range(len(shards)) if shards.kind(i) == kind and shards.lengths[i] >= length]
+        if not docs:
+            raise ConfigError(f"yardsticks.probe_length={length}: no {kind!r} document in {shards.split} is that long")
+        order = rng.permutation(len(docs))
+        for j in range(per_kind):
+            doc = shards[docs[order[j % len(docs)]]]
+            start = int(rng.integers(0, len(doc) - length + 1))
+            tokens.append(doc[start:start + length])
+            labels.append(label)
+    tokens, labels = np.stack(tokens), np.array(labels, np.int32)
+    if start is not None:
+        tokens = np.concatenate([np.full((len(tokens), 1), start, np.int32), tokens], 1)
+    perm = rng.permutation(len(tokens))
+    return tokens[perm], labels[perm]
+
+
+def probe_accuracy(model_cfg: ModelConfig, state, cfg, data_dir: Path, tokenizer, ys, *, seed: int) -> float:
+    """Fine-tune the pretrained model + a linear head to tell documentation from code; held-out accuracy."""
+    from llmjax import sharding as shd
+    from llmjax.data.shards import TokenShards
+    from llmjax.train import TrainState, global_batch, make_eval_step
+
+    train_sh, val_sh = TokenShards(data_dir, "train"), TokenShards(data_dir, "validation")
+    kinds = ("doc", "code")
+    if not all(k in train_sh.kind_names for k in kinds):
+        raise ConfigError(f"the probe needs documentation and code documents (kinds {kinds}); this corpus has "
+                          f"{train_sh.kind_names}")
+    ids = tokenizer.special_ids
+    start = {"encoder": ids.cls, "decoder": ids.bos}.get(model_cfg.family)  # as in pretraining; T5: none
+    L = int(ys.probe_length)
+    x_train, y_train = probe_examples(train_sh, kinds, L, int(ys.probe_train_examples), seed, start=start)
+    x_val, y_val = probe_examples(val_sh, kinds, L, int(ys.probe_eval_examples), seed + 1, start=start)
+    bs = int(ys.probe_batch_size)
+    mesh = shd.make_mesh(shd.mesh_config())
+
+    def batch(x, y):
+        return {"inputs": x, "segment_ids": np.ones_like(x), "positions": np.broadcast_to(
+            np.arange(x.shape[1], dtype=np.int32), x.shape).copy(), "labels": y,
+            "label_weights": np.ones(len(y), np.float32)}
+
+    rng = np.random.default_rng(seed + 2)
+
+    def train_batches():
+        for _ in range(int(ys.probe_steps)):
+            idx = rng.choice(len(x_train), bs, replace=False)
+            yield global_batch(batch(x_train[idx], y_train[idx]), mesh)
+
+    probe = Probe(_model_from(model_cfg, state), len(kinds), rngs=nnx.Rngs(params=seed))
+    optim = ml_collections.ConfigDict(cfg.optim.to_dict())
+    optim.update(learning_rate=float(ys.probe_learning_rate), warmup_steps=min(10, int(ys.probe_steps) // 4),
+                 schedule="constant")
+    tuned = _fit(probe, optim, int(ys.probe_steps), train_batches(), mesh, loss_fn=_probe_loss,
+                 weights_fn=_probe_weights)
+    graphdef, params, rest = nnx.split(tuned, nnx.Param, ...)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    state_tree = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=())
+    state_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), state_tree)
+    correct = weight = 0.0
+    n = (len(x_val) // bs) * bs
+    eval_fn = None
+    for i in range(0, n, bs):
+        b = global_batch(batch(x_val[i:i + bs], y_val[i:i + bs]), mesh)
+        if eval_fn is None:
+            eval_fn = make_eval_step(graphdef, state_sh, jax.tree.map(lambda a: a.sharding, b), loss_fn=_probe_loss)
+        s = eval_fn(state_tree, b)["probe"]
+        correct, weight = correct + float(s.correct), weight + float(s.weight)
+    return correct / weight
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+COLUMNS = ("cell", "family", "objective", "params", "steps", "train FLOPs", "own val loss",
+           "continuation ppl ↓", "infill acc ↑", "probe acc ↑", "minutes", "status")
+
+
+def results_table(results: dict) -> str:
+    def f(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in results["cells"]:
+        if r["status"] != "done":
+            lines.append(f"| {r['name']} | {r.get('family')} | {r['objective']} | | | | | | | | | "
+                         f"{r['status']}{': ' + r['error'] if r.get('error') else ''} |")
+            continue
+        lines.append("| " + " | ".join([
+            r["name"], r["family"], r["objective"], f"{r['params'] / 1e6:.2f}M", str(r["steps"]),
+            f"{r['train_flops']:.3g}", f(r["own_loss"], ".3f"), f(r["continuation_ppl"], ".1f"),
+            f(r["infill_accuracy"], ".3f"), f(r["probe_accuracy"], ".3f"), f"{r['seconds'] / 60:.1f}", "done"]) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict, workdir) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workdir = Path(workdir)
+    _write_json(workdir / "results.json", results)
+    ys = results["yardsticks"]
+    done = [r for r in results["cells"] if r["status"] == "done"]
+    text = [
+        "# Objective comparison", "",
+        f"Every cell trained for {results['budget_flops']:.3g} FLOPs (same corpus, tokenizer, optimizer, seed "
+        f"{results['seed']}). Yardsticks on held-out text: continuation perplexity of the second half of "
+        f"{ys['window_length']}-token windows given the first half, after {ys['lm_adapt_steps']} steps of LM "
+        f"adaptation (n/a for encoder-only models); accuracy on a {ys['infill_span']}-token span hidden in each "
+        f"model's own format; accuracy of a documentation-vs-code probe ({ys['probe_length']}-token passages, "
+        f"{ys['probe_steps']} fine-tuning steps). 'own val loss' is each cell's own objective, not comparable "
+        "across objectives.", "", results_table(results), "",
+        "![loss vs FLOPs](loss_vs_flops.png)", "", "![yardsticks](yardsticks.png)", ""]
+    (workdir / "RESULTS.md").write_text("\n".join(text))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in done:
+        if r["curve"]:
+            xs, ys_ = zip(*r["curve"])
+            ax.plot(xs, ys_, label=r["name"])
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("training loss (own objective)")
+    if done:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(workdir / "loss_vs_flops.png", dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    names = [r["name"] for r in done]
+    for ax, key, title in zip(axes, YARDSTICKS, ("continuation perplexity (lower is better)",
+                                                  "span infilling accuracy", "doc-vs-code probe accuracy")):
+        vals = [r[key] if r[key] is not None else 0.0 for r in done]
+        ax.bar(range(len(done)), vals, color=["C%d" % i for i in range(len(done))])
+        for i, r in enumerate(done):
+            if r[key] is None:
+                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(done)), names, rotation=35, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(workdir / "yardsticks.png", dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def compare_main(args: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="llmjax compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", required=True, help="grid file with get_grid(), e.g. configs/compare/objectives.py")
+    parser.add_argument("--workdir", required=True, help="cells, RESULTS.md, results.json and plots go here")
+    parser.add_argument("--max-cells", type=int, default=None, help="train at most this many unfinished cells")
+    parser.add_argument("--budget-flops", type=float, default=None, help="override the grid's budget_flops")
+    ns = parser.parse_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        grid = load_grid(ns.grid)
+        if ns.budget_flops is not None:
+            grid.budget_flops = ns.budget_flops
+        results = compare(grid, ns.workdir, max_cells=ns.max_cells)
+    except ConfigError as e:
+        raise SystemExit(f"llmjax compare: {e}") from None
+    print(results_table(results))
+    print(f"wrote {Path(ns.workdir) / 'RESULTS.md'}, results.json, loss_vs_flops.png, yardsticks.png")
+    failed = [r["name"] for r in results["cells"] if r["status"] == "failed"]
+    if failed:
+        print(f"failed cells: {', '.join(failed)} (see {Path(ns.workdir) / CELLS}/<name>/error.txt); run again to "
+              "retry them", flush=True)
+        return 1
+    return 0
