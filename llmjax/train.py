@@ -43,6 +43,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.peak_flops = 0.0  # per device, for MFU; 0 = known accelerator peak or a measured matmul peak on CPU
     c.checkpoint_every = 100  # asynchronous Orbax save every this many steps (and at the end); 0 = only at the end
     c.keep_checkpoints = 3  # the newest K complete checkpoints are kept in WORKDIR/checkpoints
+    c.data_workers = 0  # Grain worker processes building batches in the background (0 = in this process)
     c.keep_best = False  # also keep the parameters with the lowest validation loss in WORKDIR/best (export layout)
     return c
 
@@ -386,7 +387,17 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
 
+    if jax.process_count() > 1 and not is_writer:
+        # Process 0 prepares first; the others then find its result on a shared filesystem (or, on hosts
+        # with their own disks, prepare their own identical copy).
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("llmjax_prepare")
     manifest = prepare(cfg.data, workdir, progress=progress and is_writer)
+    if jax.process_count() > 1 and is_writer:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("llmjax_prepare")
     data_dir = Path(manifest["dir"])
     tokenizer = Tokenizer.load(data_dir / TOKENIZER_FILE)
 
@@ -425,7 +436,7 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
     obj_args = objective_config_for(cfg)
     train_it = pipeline.make_train_iterator(
         data_dir, cfg.objective, global_batch_size=tc.batch_size, seed=tc.seed, family=model_cfg.family,
-        objective_config=obj_args)
+        objective_config=obj_args, num_workers=int(tc.get("data_workers", 0)))
     if resumed is not None:
         try:
             train_it.set_state(data_state)

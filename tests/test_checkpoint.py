@@ -265,3 +265,10 @@ def test_export_refuses_a_directory_that_is_not_an_export(tmp_path, data_dir):
         assert cli.main(["llmjax", "export", f"--workdir={work}", f"--out={again}"]) == 0
     assert sorted(p.name for p in again.iterdir()) == [checkpoint.EXPORT_CONFIG, checkpoint.EXPORT_PARAMS]
     assert not again.with_name("export.tmp").exists() and not again.with_name("export.old").exists()
+
+
+def test_data_workers_do_not_change_the_run(tmp_path, data_dir):
+    """train.data_workers=2 (Grain worker processes) feeds exactly the batches of the in-process pipeline."""
+    train(*args(tmp_path / "inline", data_dir, 4))
+    train(*args(tmp_path / "workers", data_dir, 4, "--config.train.data_workers=2"))
+    assert losses(tmp_path / "workers") == losses(tmp_path / "inline")
