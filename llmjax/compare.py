@@ -26,7 +26,6 @@ reported without stopping the others.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -261,13 +260,9 @@ def _model_from(model_cfg: ModelConfig, state):
 
 
 # ------------------------------------------------------------------------------------- held-out data
-@dataclasses.dataclass
-class Windows:
-    tokens: np.ndarray  # [N, window_length] held-out token windows
-
-
-def validation_windows(data_dir: Path, ys) -> Windows:
-    """The first `eval_windows` non-overlapping windows of `window_length` tokens of the validation split."""
+def validation_windows(data_dir: Path, ys) -> np.ndarray:
+    """[N, window_length]: the first `eval_windows` non-overlapping windows of `window_length` tokens of the
+    validation split."""
     from llmjax.data.shards import TokenShards
 
     val = TokenShards(data_dir, "validation")
@@ -277,10 +272,10 @@ def validation_windows(data_dir: Path, ys) -> Windows:
         for s in range(0, len(doc) - n + 1, n):
             out.append(doc[s:s + n])
             if len(out) == ys.eval_windows:
-                return Windows(np.stack(out))
+                return np.stack(out)
     if not out:
         raise ConfigError(f"yardsticks.window_length={n}: no validation document is that long")
-    return Windows(np.stack(out))
+    return np.stack(out)
 
 
 def _pad(rows: list[dict], length: int | dict | None = None) -> dict:
@@ -378,10 +373,10 @@ def _chunks(items: list, size: int):
 
 
 # -------------------------------------------------------------------------------------- yardsticks
-def continuation_perplexity(model, windows: Windows, ids, ys) -> float:
+def continuation_perplexity(model, windows: np.ndarray, ids, ys) -> float:
     """exp(mean cross-entropy) of the second half of every window given the first half."""
-    half = windows.tokens.shape[1] // 2
-    pairs = [(w[:half], w[half:]) for w in windows.tokens]
+    half = windows.shape[1] // 2
+    pairs = [(w[:half], w[half:]) for w in windows]
     if model.cfg.family == "encoder_decoder":
         eos = np.array([ids.eos], np.int32)
         batches = [_encdec_rows([(np.concatenate([p, eos]), t) for p, t in chunk], ids)
@@ -392,17 +387,17 @@ def continuation_perplexity(model, windows: Windows, ids, ys) -> float:
     return float(math.exp(loss / weight))
 
 
-def infill_accuracy(model, objective: str, windows: Windows, ids, ys, *, bidirectional_inputs: bool = True) -> float:
+def infill_accuracy(model, objective: str, windows: np.ndarray, ids, ys, *, bidirectional_inputs: bool = True) -> float:
     """Teacher-forced accuracy on a span of `infill_span` tokens in the middle of every window, hidden in
     the format of the model's own objective (bidirectional_inputs: span corruption's decoder option)."""
     from llmjax.objectives.span_corruption import corrupt
 
     k = int(ys.infill_span)
-    n = windows.tokens.shape[1]
+    n = windows.shape[1]
     a = n // 2
     family = model.cfg.family
     examples = []
-    for w in windows.tokens:
+    for w in windows:
         span = w[a:a + k]
         if objective == "mlm":  # [CLS] w with the span as [MASK]s [SEP]
             inputs = np.concatenate([[ids.cls], w[:a], np.full(k, ids.mask), w[a + k:], [ids.sep]]).astype(np.int32)
