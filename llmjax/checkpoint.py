@@ -46,6 +46,7 @@ CHECKPOINTS = "checkpoints"
 CORRUPT = "checkpoints_corrupt"
 EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "config.json"
+TOKENIZER_FILE = "tokenizer.model"  # a run's tokenizer, copied into WORKDIR and into exports
 BEST = "best"  # WORKDIR/best: parameters of the step with the lowest validation loss (train.keep_best)
 
 
@@ -372,6 +373,11 @@ def export(workdir, out) -> int:
     nested dict nnx.State.to_pure_dict()) and OUT/config.json (the run config). Returns the step exported."""
     state, step, cfg_json = load_latest(workdir)
     write_params(out, state.params.to_pure_dict(), cfg_json, exported_step=step)
+    tokenizer = Path(workdir) / TOKENIZER_FILE
+    if jax.process_index() == 0 and tokenizer.is_file():
+        import shutil
+
+        shutil.copyfile(tokenizer, Path(out) / TOKENIZER_FILE)
     return step
 
 

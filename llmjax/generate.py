@@ -332,3 +332,155 @@ def _check(cfg, prompts, max_new_tokens, method, temperature, top_k, top_p, num_
         if need > cfg.max_length:
             raise ValueError(f"generation needs positions up to {need - 1} but model.max_length={cfg.max_length}; "
                              "shorten the prompts or lower max_new_tokens")
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def load_for_inference(directory, tokenizer_path=None, *, command: str = "generate"):
+    """(model, run config, tokenizer, description) of a training workdir (newest good checkpoint), a
+    fine-tuning workdir (llmjax finetune) or an export directory (llmjax export / merge-lora). Errors are
+    SystemExit messages naming the flag or file."""
+    import json
+    from pathlib import Path
+
+    from llmjax import checkpoint as ckpt
+    from llmjax.data.tokenizer import Tokenizer, TokenizerError
+    from llmjax.finetune import (FINETUNE_INFO, build_with_params, find_tokenizer, flat_values, load_finetuned,
+                                 read_params_checkpoint)
+    from llmjax.models.config import ModelConfig
+
+    def fail(msg):
+        raise SystemExit(f"llmjax {command}: {msg}")
+
+    d = Path(directory)
+    if not d.is_dir():
+        fail(f"--workdir {d} does not exist (or is not a directory)")
+    try:
+        if (d / ckpt.EXPORT_CONFIG).is_file() and (d / ckpt.EXPORT_PARAMS).is_dir():
+            cfg = json.loads((d / ckpt.EXPORT_CONFIG).read_text())
+            model = build_with_params(ModelConfig.from_dict(cfg["model"]),
+                                      read_params_checkpoint(d / ckpt.EXPORT_PARAMS))
+            what = f"export {d}"
+        elif (d / FINETUNE_INFO).is_file():
+            model, cfg = load_finetuned(d)
+            what = f"fine-tuned {d}, step {cfg['finetuned_step']}"
+        elif (d / ckpt.CHECKPOINTS).is_dir():
+            state, step, cfg = ckpt.load_latest(d)
+            model = build_with_params(ModelConfig.from_dict(cfg["model"]), flat_values(state.params))
+            what = f"{d}, step {step}"
+        else:
+            fail(f"--workdir {d} has no checkpoints/ (train with `llmjax train --workdir {d}`) and is not an export "
+                 "directory (config.json + params/)")
+    except FileNotFoundError as e:
+        fail(f"--workdir {d}: {e}")
+    except (ValueError, KeyError, json.JSONDecodeError) as e:
+        fail(f"--workdir {d}: cannot load the model: {type(e).__name__}: {e}")
+    tok = Path(tokenizer_path) if tokenizer_path else find_tokenizer(d, cfg)
+    if tok is None:
+        fail(f"cannot find the tokenizer of {d} (no {d}/tokenizer.model and no prepared data of its config); "
+             "pass --tokenizer PATH/tokenizer.model")
+    try:
+        tokenizer = Tokenizer.load(tok)
+    except TokenizerError as e:
+        fail(f"--tokenizer: {e}")
+    if tokenizer.vocab_size != model.cfg.vocab_size:
+        fail(f"the tokenizer {tok} has {tokenizer.vocab_size} pieces but the model's vocabulary is "
+             f"{model.cfg.vocab_size}; pass the run's own --tokenizer")
+    return model, cfg, tokenizer, what
+
+
+def generate_main(args: list[str]) -> int:
+    """`llmjax generate --workdir DIR --prompt TEXT [--prompt TEXT ...]`: print each prompt's continuation."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="llmjax generate", description="continue prompts with a trained decoder "
+                                "or encoder-decoder (training workdir, fine-tuning workdir or export directory)")
+    p.add_argument("--workdir", required=True, help="training / fine-tuning workdir or export directory")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--method", choices=METHODS, default="greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=4)
+    p.add_argument("--length-penalty", type=float, default=0.6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="tokenizer .model (default: the run's own)")
+    ns = p.parse_args(args)
+    model, cfg, tok, what = load_for_inference(ns.workdir, ns.tokenizer)
+    family = model.cfg.family
+    if family == "encoder":
+        raise SystemExit(f"llmjax generate: --workdir {ns.workdir} holds an encoder (BERT-style) model, which does "
+                         f"not generate text; use `llmjax fill --workdir {ns.workdir} --text '... [MASK] ...'`")
+    if any(not s.strip() for s in ns.prompt) and family == "encoder_decoder":
+        raise SystemExit("llmjax generate: --prompt is empty; an encoder-decoder needs some input text")
+    if family == "decoder":
+        prompts = [[tok.special_ids.bos] + tok.encode(s, parse_special=True) for s in ns.prompt]
+    else:  # the encoder input ends with eos, as in pretraining; '<extra_id_0>' etc. are sentinels
+        prompts = [tok.encode(s, parse_special=True) + [tok.special_ids.eos] for s in ns.prompt]
+    prefix_lm = family == "decoder" and cfg.get("objective") == "prefix_lm"
+    try:
+        out = generate(model, prompts, max_new_tokens=ns.max_new_tokens, method=ns.method,
+                       temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, num_beams=ns.num_beams,
+                       length_penalty=ns.length_penalty, seed=ns.seed, prefix_lm=prefix_lm)
+    except ValueError as e:  # generate() names its argument (top_k=...): name the flag instead
+        name = str(e).split("=")[0].split(":")[0].strip()
+        flag = f"--{name.replace('_', '-')}: " if name.replace("_", "-") in {
+            "max-new-tokens", "method", "temperature", "top-k", "top-p", "num-beams"} else ""
+        raise SystemExit(f"llmjax generate: {flag}{e}") from None
+    print(f"# {what}: {family} model, {ns.method} decoding, up to {ns.max_new_tokens} new tokens")
+    for i, (prompt, new, done) in enumerate(zip(ns.prompt, out.tokens, out.finished)):
+        if family == "decoder":  # decoded together, so the continuation keeps its leading space
+            text = tok.decode(prompts[i][1:] + list(new))
+        else:
+            text = f"{prompt} => {tok.decode(new)}"
+        print(f"[{i + 1}] {text}" + ("" if done else " ..."))
+    return 0
+
+
+def fill_main(args: list[str]) -> int:
+    """`llmjax fill --workdir DIR --text "... [MASK] ..." [--top N]`: an encoder's top-N tokens per mask."""
+    import argparse
+
+    import jax
+
+    p = argparse.ArgumentParser(prog="llmjax fill", description="predict the [MASK] tokens of a text with a "
+                                "trained encoder (BERT-style, masked-language-model head)")
+    p.add_argument("--workdir", required=True, help="training / fine-tuning workdir or export directory")
+    p.add_argument("--text", required=True, help="text with one or more [MASK] tokens")
+    p.add_argument("--top", type=int, default=5, help="predictions per mask")
+    p.add_argument("--tokenizer", default=None, help="tokenizer .model (default: the run's own)")
+    ns = p.parse_args(args)
+    if ns.top < 1:
+        raise SystemExit(f"llmjax fill: --top must be at least 1, got {ns.top}")
+    if "[MASK]" not in ns.text:
+        raise SystemExit(f"llmjax fill: --text has no [MASK] token: {ns.text!r}; write [MASK] where a token "
+                         "should be predicted")
+    model, cfg, tok, what = load_for_inference(ns.workdir, ns.tokenizer, command="fill")
+    if model.cfg.family != "encoder":
+        raise SystemExit(f"llmjax fill: --workdir {ns.workdir} holds a {model.cfg.family} model (model.family="
+                         f"{model.cfg.family!r}); fill needs an encoder (BERT-style) model. Use `llmjax generate` "
+                         "for decoders and encoder-decoders")
+    ids = [tok.special_ids.cls] + tok.encode(ns.text, parse_special=True) + [tok.special_ids.sep]
+    if model.cfg.position == "learned" and len(ids) > model.cfg.max_length:
+        raise SystemExit(f"llmjax fill: --text is {len(ids)} tokens long but the model takes at most "
+                         f"model.max_length={model.cfg.max_length}")
+    masks = [i for i, t in enumerate(ids) if t == tok.special_ids.mask]
+    logits = _mlm_logits(model, jnp.asarray([ids], jnp.int32))[0]  # [T, V]
+    probs = np.array(jax.nn.softmax(logits[jnp.asarray(masks)], axis=-1))  # [M, V]
+    special = list(tok.special_ids.special)
+    probs[:, special] = 0.0  # never propose [CLS], padding, sentinels...
+    print(f"# {what}: encoder model, top {ns.top} per [MASK]")
+    best_fill = ns.text
+    for m, (pos, row) in enumerate(zip(masks, probs)):
+        top = np.argsort(-row)[: ns.top]
+        word = tok.decode([int(top[0])])
+        best_fill = best_fill.replace("[MASK]", word.strip() or repr(word), 1)
+        shown = ", ".join(f"{tok.decode([int(t)]).strip() or tok.id_to_piece(int(t))!r} {row[t]:.3f}" for t in top)
+        print(f"[MASK {m + 1}] {shown}")
+    print("best: " + best_fill)
+    return 0
+
+
+@nnx.jit
+def _mlm_logits(model, tokens):
+    return model(tokens)["mlm_logits"]

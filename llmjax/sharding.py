@@ -7,6 +7,8 @@ config change only.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Iterable, Sequence
 
@@ -136,6 +138,59 @@ def state_shardings(abstract_state, mesh: Mesh, rules: dict):
     return jax.tree.map_with_path(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+# ------------------------------------------------------------------------------------- activations
+# (mesh, rules) while a step is traced; modules pin chosen activations with `constrain`. Unset (a plain
+# forward pass, decoding, a test without a mesh) every constraint is a no-op.
+_LAYOUT: contextvars.ContextVar = contextvars.ContextVar("llmjax_activation_layout", default=None)
+
+
+@contextlib.contextmanager
+def activation_layout(mesh: Mesh | None, rules: dict | None):
+    """Within this block (around the tracing of a step), `constrain` places activations on `mesh`."""
+    token = _LAYOUT.set(None if mesh is None or rules is None else (mesh, dict(rules)))
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
+
+def current_layout() -> tuple[Mesh, dict] | None:
+    return _LAYOUT.get()
+
+
+def activation_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: dict) -> P:
+    """PartitionSpec of an activation from logical names. 'batch' takes every batch mesh axis (data, fsdp,
+    expert) that no other dimension of the array uses, so [expert, batch, ...] tensors of an MoE layer put
+    experts on `expert` and rows on the rest (XLA inserts the all-to-all). A dimension the mesh axes do not
+    divide is left unsharded (activations never fail the layout)."""
+    used: set[str] = set()
+    spec: list = [None] * len(axes)
+    for pass_batch in (False, True):
+        for i, (name, dim) in enumerate(zip(axes, shape)):
+            if name is None or (name == "batch") != pass_batch:
+                continue
+            if name == "batch":
+                targets = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1 and a not in used)
+            else:
+                target = rules.get(name)
+                targets = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+                targets = tuple(t for t in targets if mesh.shape[t] > 1 and t not in used)
+            if not targets or dim % math.prod(mesh.shape[t] for t in targets):
+                continue
+            used.update(targets)
+            spec[i] = targets[0] if len(targets) == 1 else targets
+    return P(*spec)
+
+
+def constrain(x, axes: Sequence[str | None]):
+    """with_sharding_constraint by logical axis names under `activation_layout`; otherwise x unchanged."""
+    layout = _LAYOUT.get()
+    if layout is None:
+        return x
+    mesh, rules = layout
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec(axes, x.shape, mesh, rules)))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
     first = None if not axes else (axes[0] if len(axes) == 1 else axes)
@@ -158,6 +213,12 @@ def validate_layout(model_cfg, mesh: Mesh, global_batch_size: int, micro_batches
             f"train.batch_size: each micro-batch has {per_micro} rows, not divisible by the {n} batch shards "
             f"(mesh data x fsdp x expert = {' x '.join(str(mesh.shape[a]) for a in BATCH_AXES)}); "
             f"use a batch size that is a multiple of {n * max(micro_batches, 1)}")
+    e = mesh.shape["expert"]
+    if getattr(model_cfg, "num_experts", 0) and model_cfg.num_experts % e:
+        raise ConfigError(
+            f"mesh.expert={e} does not divide model.num_experts={model_cfg.num_experts}; expert parallelism gives "
+            f"each device of the expert axis the same number of experts, so choose mesh.expert among the divisors "
+            f"of {model_cfg.num_experts}")
     t = mesh.shape["tensor"]
     if model_cfg.num_heads % t:
         raise ConfigError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import shutil
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import sharding as shd
+from llmjax.models import moe
 from llmjax.models.config import ConfigError, ModelConfig
 from llmjax.models.transformer import build_model
 from llmjax.objectives import losses
@@ -204,10 +206,32 @@ def _opt_shardings(abs_opt, abs_params, params_sh, mesh):
 
 
 # ------------------------------------------------------------------------------------------------- loss
+def with_router_losses(loss_fn):
+    """loss_fn plus a part "moe" when the model has mixture-of-experts layers (llmjax.models.moe.summarize:
+    the weighted router losses, which the train step adds to the objective). make_train_step and
+    make_eval_step wrap every loss_fn with it, so task losses (fine-tuning, probes) keep the router losses."""
+
+    def wrapped(model, batch: dict, **kw):
+        with moe.collect_stats() as moe_stats:
+            total, sums = loss_fn(model, batch, **kw)
+        if moe_stats:
+            sums = {**sums, "moe": moe.summarize(moe_stats, model.cfg)}
+        return total, sums
+
+    return wrapped
+
+
 def model_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
                deterministic: bool = True) -> tuple[jax.Array, dict]:
     """(summed loss, metric sums) of one batch for the model's family; the batch keys are those of
-    llmjax.data.packing (see llmjax.data.pipeline)."""
+    llmjax.data.packing (see llmjax.data.pipeline). Models with mixture-of-experts layers add a part "moe"
+    (see with_router_losses)."""
+    return with_router_losses(_family_loss)(model, batch, label_smoothing=label_smoothing, z_loss=z_loss,
+                                            deterministic=deterministic)
+
+
+def _family_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 deterministic: bool = True):
     family = model.cfg.family
     kw = dict(label_smoothing=label_smoothing, z_loss=z_loss)
     if family == "decoder":
@@ -245,7 +269,7 @@ def _weights_of(batch: dict) -> dict:
 
 
 def make_train_step(graphdef, tx, state_sh, batch_sh, *, micro_batches: int = 1, label_smoothing=0.0, z_loss=0.0,
-                    lr_schedule=None, loss_fn=None, weights_fn=None):
+                    lr_schedule=None, loss_fn=None, weights_fn=None, rules: dict | None = None):
     """A jitted (state, batch) -> (state, metrics). The loss of every part is its sum divided by the part's
     total weight in the whole global batch (mean over tokens; BERT adds the mean NSP loss). With
     micro_batches > 1 the gradient is accumulated over sequential slices of the batch, giving the same
@@ -253,21 +277,29 @@ def make_train_step(graphdef, tx, state_sh, batch_sh, *, micro_batches: int = 1,
 
     loss_fn(model, batch, *, label_smoothing, z_loss, deterministic) -> (total, {part: LossSums}) and
     weights_fn(batch) -> {part: total weight} replace model_loss / the token weights for other tasks
-    (fine-tuning heads); a part named "lm" is reported as loss/accuracy/tokens, others as <part>_loss etc."""
-    loss_fn = loss_fn or model_loss
+    (fine-tuning heads); a part named "lm" is reported as loss/accuracy/tokens, others as <part>_loss etc.
+    `rules` (logical axis -> mesh axis) let modules constrain activations (MoE expert parallelism)."""
+    loss_fn = with_router_losses(loss_fn or _family_loss)
     weights_fn = weights_fn or _weights_of
+    mesh = jax.tree.leaves(batch_sh)[0].mesh if rules is not None else None
 
     def grads_of(params, rest, batch, denominators):
         def f(p):
             model = nnx.merge(graphdef, p, rest, copy=True)  # fresh Variables at this trace level
             _, sums = loss_fn(model, batch, label_smoothing=label_smoothing, z_loss=z_loss, deterministic=False)
-            objective = sum(sums[k].loss / jnp.maximum(denominators[k], 1e-8) for k in sums)
+            objective = sum(sums[k].loss / jnp.maximum(denominators[k], 1e-8) for k in sums if k != "moe")
+            if "moe" in sums:  # router losses: the mean over micro-batches of each one's weighted term
+                objective = objective + sums["moe"]["objective"] / micro_batches
             return objective, (sums, nnx.state(model, nnx.Not(nnx.Param)))
 
         (_, (sums, new_rest)), grads = jax.value_and_grad(f, has_aux=True)(params)
         return sums, new_rest, grads
 
     def step(state: TrainState, batch):
+        with shd.activation_layout(mesh, rules):  # MoE dispatch buffers pinned to the mesh while tracing
+            return _step(state, batch)
+
+    def _step(state: TrainState, batch):
         denominators = weights_fn(batch)
         if micro_batches == 1:
             sums, rest, grads = grads_of(state.params, state.rest, batch, denominators)
@@ -297,9 +329,18 @@ def make_train_step(graphdef, tx, state_sh, batch_sh, *, micro_batches: int = 1,
 
 
 def _metrics(sums: dict) -> dict:
-    """Means of summed LossSums: part "lm" -> loss/accuracy/tokens, any other part p -> p_loss/p_accuracy."""
+    """Means of summed LossSums: part "lm" -> loss/accuracy/tokens, any other part p -> p_loss/p_accuracy;
+    "moe" -> moe_aux_loss, moe_z_loss, moe_dropped_fraction and moe_load_<i> (fraction of assignments)."""
     out = {}
     for name, part in sums.items():
+        if name == "moe":
+            n = jnp.maximum(part["count"], 1.0)
+            out["moe_aux_loss"] = part["aux_loss"] / n
+            out["moe_z_loss"] = part["z_loss"] / n
+            out["moe_dropped_fraction"] = part["dropped"] / jnp.maximum(part["routed"], 1.0)
+            for i in range(part["load"].shape[0]):
+                out[f"moe_load_{i}"] = part["load"][i] / n
+            continue
         w = jnp.maximum(part.weight, 1e-8)
         prefix = "" if name == "lm" else f"{name}_"
         out[prefix + "loss"] = part.loss / w
@@ -309,12 +350,14 @@ def _metrics(sums: dict) -> dict:
     return out
 
 
-def make_eval_step(graphdef, state_sh, batch_sh, *, loss_fn=None):
-    loss_fn = loss_fn or model_loss
+def make_eval_step(graphdef, state_sh, batch_sh, *, loss_fn=None, rules: dict | None = None):
+    loss_fn = with_router_losses(loss_fn or _family_loss)
+    mesh = jax.tree.leaves(batch_sh)[0].mesh if rules is not None else None
 
     def step(state: TrainState, batch):
         model = nnx.merge(graphdef, state.params, state.rest, copy=True)
-        _, sums = loss_fn(model, batch, deterministic=True)
+        with shd.activation_layout(mesh, rules):
+            _, sums = loss_fn(model, batch, deterministic=True)
         return sums  # summed, so several eval batches add up exactly
 
     return jax.jit(step, in_shardings=(state_sh, batch_sh))
@@ -400,6 +443,8 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
         multihost_utils.sync_global_devices("llmjax_prepare")
     data_dir = Path(manifest["dir"])
     tokenizer = Tokenizer.load(data_dir / TOKENIZER_FILE)
+    if is_writer and not (workdir / TOKENIZER_FILE).exists():  # the run's tokenizer travels with it (export)
+        shutil.copyfile(data_dir / TOKENIZER_FILE, workdir / TOKENIZER_FILE)
 
     mesh = shd.make_mesh(cfg.mesh)
     rules = shd.rules_dict(cfg.sharding.rules)
@@ -446,8 +491,9 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
     first = next(train_it)
     batch_sh = batch_shardings(mesh, first)
     step_fn = make_train_step(graphdef, tx, state_sh, batch_sh, micro_batches=tc.micro_batches,
-                              label_smoothing=tc.label_smoothing, z_loss=tc.z_loss, lr_schedule=lr_schedule)
-    eval_fn = make_eval_step(graphdef, state_sh, batch_sh)
+                              label_smoothing=tc.label_smoothing, z_loss=tc.z_loss, lr_schedule=lr_schedule,
+                              rules=rules)
+    eval_fn = make_eval_step(graphdef, state_sh, batch_sh, rules=rules)
     eval_batches_count = [None]
 
     def evaluate() -> dict:

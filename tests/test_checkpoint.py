@@ -201,6 +201,9 @@ def test_export_writes_params_only_and_they_load_into_a_model(tmp_path, data_dir
     assert cli.main(["llmjax", "export", f"--workdir={work}", f"--out={out}"]) == 0
     cfg = json.loads((out / checkpoint.EXPORT_CONFIG).read_text())
     assert cfg["exported_step"] == 4 and cfg["model"]["num_layers"] == 2
+    # The run's tokenizer travels with the workdir and the export (generate/fill need nothing else).
+    assert (out / checkpoint.TOKENIZER_FILE).read_bytes() == (work / checkpoint.TOKENIZER_FILE).read_bytes()
+    assert (work / checkpoint.TOKENIZER_FILE).read_bytes() == next(data_dir.rglob("tokenizer.model")).read_bytes()
     model, _ = checkpoint.load_exported(out)
     step, expected = params_of(work)
     got = {jax.tree_util.keystr(p): np.asarray(x) for p, x in
@@ -263,7 +266,8 @@ def test_export_refuses_a_directory_that_is_not_an_export(tmp_path, data_dir):
     again = tmp_path / "export"
     for _ in range(2):
         assert cli.main(["llmjax", "export", f"--workdir={work}", f"--out={again}"]) == 0
-    assert sorted(p.name for p in again.iterdir()) == [checkpoint.EXPORT_CONFIG, checkpoint.EXPORT_PARAMS]
+    assert sorted(p.name for p in again.iterdir()) == [checkpoint.EXPORT_CONFIG, checkpoint.EXPORT_PARAMS,
+                                                       checkpoint.TOKENIZER_FILE]
     assert not again.with_name("export.tmp").exists() and not again.with_name("export.old").exists()
 
 

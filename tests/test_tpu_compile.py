@@ -3,36 +3,24 @@
 XLA:CPU merges a rematerialised forward pass back into the original (so its memory analysis does not
 change with remat); the TPU compiler keeps it. libtpu compiles for a TPU topology on this CPU. It stays
 out of the llmjax install (it makes CPU runs noisy): this test puts it in a side virtualenv that reuses
-the installed packages.
+the installed packages (tests/helpers/tpu_venv.py).
 """
 
 import json
-import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
 
-LIBTPU = "libtpu==0.0.42.1"  # the release jax[tpu]==0.10.2 asks for
+from helpers.tpu_venv import tpu_env, tpu_python
+
 HELPER = pathlib.Path(__file__).parent / "helpers" / "tpu_remat_memory.py"
-
-
-def tpu_python() -> str:
-    venv = pathlib.Path(os.environ.get("LLMJAX_TPU_VENV", pathlib.Path.home() / ".cache" / "llmjax" / "tpu-venv"))
-    python = venv / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
-    probe = subprocess.run([str(python), "-c", "import libtpu"], capture_output=True)
-    if probe.returncode:
-        subprocess.run([str(python), "-m", "pip", "install", "-q", LIBTPU], check=True)
-    return str(python)
 
 
 @pytest.mark.slow
 def test_remat_reduces_compiled_temporary_memory_on_tpu():
     out = subprocess.run([tpu_python(), str(HELPER)], capture_output=True, text=True, timeout=900,
-                         cwd=pathlib.Path(__file__).parent.parent)
+                         cwd=pathlib.Path(__file__).parent.parent, env=tpu_env())
     assert out.returncode == 0, out.stderr[-3000:]
     mem = json.loads(out.stdout.strip().splitlines()[-1])
     none, dots, full = (mem[p]["temp_bytes"] for p in ("none", "save_dots", "full"))

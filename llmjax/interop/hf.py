@@ -33,6 +33,7 @@ ARCHITECTURES = {
     "bert": ("llmjax.interop.bert", "BertForPreTraining"),
     "t5": ("llmjax.interop.t5", "T5ForConditionalGeneration"),
     "llama": ("llmjax.interop.llama", "LlamaForCausalLM"),
+    "mixtral": ("llmjax.interop.mixtral", "MixtralForCausalLM"),
 }
 
 
@@ -340,14 +341,14 @@ def architecture_of(cfg: ModelConfig) -> str:
     if cfg.position == "learned":
         return "gpt2"
     if cfg.position == "rope":
-        return "llama"
+        return "mixtral" if cfg.num_experts else "llama"
     raise InteropError(f"no Hugging Face architecture for a decoder with position={cfg.position!r}; "
                        "GPT-2 needs 'learned', Llama needs 'rope'")
 
 
 def to_hf(model: nnx.Module, *, arch: str | None = None, **config_kwargs):
     """An llmjax model -> the transformers model (GPT2LMHeadModel, BertForPreTraining,
-    T5ForConditionalGeneration or LlamaForCausalLM) with the same weights, loaded strictly.
+    T5ForConditionalGeneration, LlamaForCausalLM or MixtralForCausalLM) with the same weights, loaded strictly.
 
     `arch` forces a model_type; `config_kwargs` go to the HF config (e.g. attn_implementation='eager',
     bos_token_id=...)."""

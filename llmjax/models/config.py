@@ -26,7 +26,9 @@ ACTIVATIONS = {
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "rope", "relative", "none")
-KERNELS = ("reference", "dot_product", "blockwise")
+# 'auto': by platform at trace time (splash on TPU, dot_product/cuDNN on GPU, reference on CPU); 'splash':
+# the Pallas TPU kernel, falling back to 'reference' for attentions it does not cover (bias, prefix LM, cache).
+KERNELS = ("auto", "reference", "dot_product", "blockwise", "splash")
 # Rematerialisation of each block in the backward pass: keep nothing, or keep only matmul outputs.
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -68,7 +70,7 @@ class ModelConfig:
     scale_tied_logits: bool = False  # T5: multiply the decoder output by d_model**-0.5 when tied
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
-    attention_kernel: str = "reference"
+    attention_kernel: str = "auto"  # see KERNELS
     attention_block_size: int = 512  # key/query block of the blockwise kernel
     remat: str = "none"  # none | full | save_dots (recompute each block in the backward pass)
     init_std: float = 0.02
@@ -82,6 +84,19 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q", "v")
+    # Mixture of experts (llmjax.models.moe) in place of the MLP; num_experts 0 = dense MLPs everywhere.
+    num_experts: int = 0
+    experts_per_token: int = 2  # top-k: 1 = Switch Transformer, 2 = Mixtral
+    moe_every: int = 1  # layer i (from 0) is an MoE layer when (i + 1) % moe_every == 0; 1 = every layer
+    moe_mlp_dim: int | None = None  # hidden size of each expert (and the shared expert); None = mlp_dim
+    moe_capacity_factor: float | None = 0.0  # per row: ceil(factor * length * k / num_experts) slots per expert;
+    # 0 or None = dropless (tokens sorted by expert, grouped matmuls)
+    moe_renormalize: bool = True  # top-k gate weights rescaled to sum to 1 (Mixtral); False = raw softmax (Switch;
+    # with top-1, renormalising makes every gate weight 1 and only the router losses train the router)
+    moe_shared_expert: bool = False  # a dense expert every token goes through, added to the routed experts' output
+    moe_aux_loss_weight: float = 0.01  # Switch load-balancing loss (1.0 for perfectly uniform routing)
+    moe_z_loss_weight: float = 0.0  # router z-loss: mean logsumexp(router logits)^2 (ST-MoE uses 1e-3)
+    moe_router_jitter: float = 0.0  # training only: router input scaled by uniform noise in [1 - j, 1 + j]
 
     # ----------------------------------------------------------------- derived
     @property
@@ -99,6 +114,14 @@ class ModelConfig:
     @property
     def gated(self) -> bool:
         return ACTIVATIONS[self.activation][1]
+
+    @property
+    def expert_mlp_dim(self) -> int:
+        return self.moe_mlp_dim or self.mlp_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i (0-based, in each stack) has a mixture of experts instead of the dense MLP."""
+        return self.num_experts > 0 and (i + 1) % self.moe_every == 0
 
     # -------------------------------------------------------------- building
     @classmethod
@@ -188,7 +211,32 @@ class ModelConfig:
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if bad:
             fail("lora_targets", f"unknown target(s) {bad}; choose from {LORA_TARGETS}")
+        self._validate_moe(fail)
         return self
+
+    def _validate_moe(self, fail):
+        if not isinstance(self.num_experts, int) or self.num_experts < 0:
+            fail("num_experts", f"must be a non-negative integer (0 = no mixture of experts), got {self.num_experts!r}")
+        if not self.num_experts:
+            if self.moe_shared_expert:
+                fail("moe_shared_expert", "needs model.num_experts > 0")
+            return
+        if not isinstance(self.experts_per_token, int) or not 1 <= self.experts_per_token <= self.num_experts:
+            fail("experts_per_token", f"must be between 1 and model.num_experts={self.num_experts}, "
+                                      f"got {self.experts_per_token!r}")
+        if not isinstance(self.moe_every, int) or self.moe_every < 1:
+            fail("moe_every", f"must be a positive integer, got {self.moe_every!r}")
+        if self.moe_every > self.num_layers:
+            fail("moe_every", f"{self.moe_every} > model.num_layers={self.num_layers} leaves no MoE layer")
+        if self.moe_mlp_dim is not None and (not isinstance(self.moe_mlp_dim, int) or self.moe_mlp_dim <= 0):
+            fail("moe_mlp_dim", f"must be a positive integer or None, got {self.moe_mlp_dim!r}")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor < 0:
+            fail("moe_capacity_factor", f"must be >= 0 (0 = dropless), got {self.moe_capacity_factor!r}")
+        for field in ("moe_aux_loss_weight", "moe_z_loss_weight"):
+            if getattr(self, field) < 0:
+                fail(field, f"must be >= 0, got {getattr(self, field)}")
+        if not 0.0 <= self.moe_router_jitter < 1.0:
+            fail("moe_router_jitter", f"must be in [0, 1), got {self.moe_router_jitter}")
 
 
 def model_config_dict(**overrides) -> ml_collections.ConfigDict:

@@ -13,8 +13,16 @@ def _attention_proj(cfg: ModelConfig) -> tuple[int, int]:
     return q_o, k_v
 
 
-def _mlp(cfg: ModelConfig) -> int:
-    return (3 if cfg.gated else 2) * cfg.d_model * cfg.mlp_dim
+def _mlp(cfg: ModelConfig, dim: int | None = None) -> int:
+    return (3 if cfg.gated else 2) * cfg.d_model * (dim or cfg.mlp_dim)
+
+
+def _ffn(cfg: ModelConfig, num_layers: int) -> int:
+    """Feed-forward weights applied per token, summed over a stack of `num_layers`: an MoE layer counts its
+    active parameters only (router + the top-k experts + the shared expert)."""
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(num_layers))
+    moe = cfg.d_model * cfg.num_experts + (cfg.experts_per_token + cfg.moe_shared_expert) * _mlp(cfg, cfg.expert_mlp_dim)
+    return (num_layers - moe_layers) * _mlp(cfg) + moe_layers * moe
 
 
 def _scores(cfg: ModelConfig, t: int, s: int) -> int:
@@ -25,18 +33,19 @@ def _scores(cfg: ModelConfig, t: int, s: int) -> int:
 def forward_macs(cfg: ModelConfig, length: int, decoder_length: int | None = None) -> int:
     """Multiply-accumulates of one forward pass of one example (embedding lookups are free)."""
     q_o, k_v = _attention_proj(cfg)
-    per_layer = q_o + k_v + _mlp(cfg)
+    per_layer = q_o + k_v
     head = cfg.d_model * cfg.vocab_size
+    stack = lambda n, t: n * (t * per_layer + _scores(cfg, t, t)) + t * _ffn(cfg, n)  # self-attention + FFN
     if cfg.family == "decoder":
-        return cfg.num_layers * (length * per_layer + _scores(cfg, length, length)) + length * head
+        return stack(cfg.num_layers, length) + length * head
     if cfg.family == "encoder":
         mlm_head = cfg.d_model * cfg.d_model + head  # transform + tied decoder, on every position
         pooler = (cfg.d_model * cfg.d_model + 2 * cfg.d_model) if cfg.pooler else 0
-        return cfg.num_layers * (length * per_layer + _scores(cfg, length, length)) + length * mlm_head + pooler
+        return stack(cfg.num_layers, length) + length * mlm_head + pooler
     td = decoder_length if decoder_length is not None else length
-    encoder = cfg.num_layers * (length * per_layer + _scores(cfg, length, length))
-    decoder_layer = td * (per_layer + q_o) + length * k_v + _scores(cfg, td, td) + _scores(cfg, td, length)
-    return encoder + cfg.decoder_layers * decoder_layer + td * head
+    encoder = stack(cfg.num_layers, length)
+    cross = td * q_o + length * k_v + _scores(cfg, td, length)
+    return encoder + stack(cfg.decoder_layers, td) + cfg.decoder_layers * cross + td * head
 
 
 def train_flops(cfg: ModelConfig, length: int, decoder_length: int | None = None) -> float:

@@ -27,6 +27,26 @@ def _as_shape(x: int | Sequence[int]) -> Shape:
     return (x,) if isinstance(x, int) else tuple(x)
 
 
+BATCH_MESH_AXES = ("data", "fsdp", "expert")  # as llmjax.sharding.BATCH_AXES (kept here: no import cycle)
+
+
+def shard_batch(x: jax.Array) -> jax.Array:
+    """Keep an activation's leading (batch) dimension split over the batch mesh axes, leaving the other
+    dimensions to the compiler. Only under a mesh context (jax.set_mesh); a no-op otherwise.
+
+    Without it GSPMD may follow the FSDP-sharded weights instead ('embed' over fsdp) and replicate the batch:
+    every chip then holds the whole batch's MLP activations and logits."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or x.ndim == 0:
+        return x
+    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.shape and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    spec = jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0],
+                                      *([jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 def normal_init(std: float):
     return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
 
@@ -91,7 +111,7 @@ class Linear(nnx.Module):
             y = y + ((x2 @ a) @ b) * self.lora_scale
         if self.bias is not None:
             y = y + self.bias[...].reshape(k_out).astype(self.dtype)
-        return y.reshape(*lead, *self.out_shape)
+        return shard_batch(y.reshape(*lead, *self.out_shape))
 
     def merged_kernel(self) -> jax.Array:
         """The base kernel with the LoRA update folded in (for merging adapters)."""
@@ -112,12 +132,12 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        return shard_batch(jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype))
 
     def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
         table = self.embedding[...].astype(self.dtype)
         lead = x.shape[:-1]
-        return (x.reshape(-1, x.shape[-1]).astype(self.dtype) @ table.T).reshape(*lead, table.shape[0])
+        return shard_batch((x.reshape(-1, x.shape[-1]).astype(self.dtype) @ table.T).reshape(*lead, table.shape[0]))
 
 
 class Norm(nnx.Module):

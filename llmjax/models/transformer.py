@@ -15,6 +15,7 @@ from flax import nnx
 from llmjax.models.attention import Attention, KVCache
 from llmjax.models.config import ModelConfig
 from llmjax.models.layers import MLP, Embed, Linear, Norm, RelativePositionBias, activation_fn, sinusoidal_embedding
+from llmjax.models.moe import MoE, collect_stats, record
 
 
 def default_segments_positions(tokens, segment_ids=None, positions=None):
@@ -27,9 +28,10 @@ def default_segments_positions(tokens, segment_ids=None, positions=None):
 
 
 class Block(nnx.Module):
-    """Self-attention (+ cross-attention) + MLP, each a residual branch; pre-norm or post-norm."""
+    """Self-attention (+ cross-attention) + MLP (or mixture of experts), each a residual branch; pre-norm or
+    post-norm."""
 
-    def __init__(self, cfg: ModelConfig, *, cross: bool, rngs: nnx.Rngs, num_layers: int):
+    def __init__(self, cfg: ModelConfig, *, cross: bool, rngs: nnx.Rngs, num_layers: int, layer_index: int = 0):
         self.pre = cfg.norm_position == "pre"
         # GPT-2-style scaled init of the projections that write into the residual stream.
         out_std = cfg.init_std / math.sqrt(2 * num_layers)
@@ -40,7 +42,8 @@ class Block(nnx.Module):
             self.cross_attn_norm = Norm(cfg)
         else:
             self.cross_attn = self.cross_attn_norm = None
-        self.mlp = MLP(cfg, rngs=rngs, out_init_std=out_std)
+        self.moe = cfg.is_moe_layer(layer_index)
+        self.mlp = (MoE if self.moe else MLP)(cfg, rngs=rngs, out_init_std=out_std)
         self.mlp_norm = Norm(cfg)
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
@@ -69,7 +72,11 @@ class Block(nnx.Module):
                                           deterministic=deterministic),
                 deterministic,
             )
-        x, _ = self._residual(x, self.mlp_norm, lambda h: (self.mlp(h), None), deterministic)
+        if self.moe:  # padding tokens (segment 0) take no expert capacity and no part in the router losses
+            ffn = lambda h: (self.mlp(h, segment_ids > 0, deterministic=deterministic), None)
+        else:
+            ffn = lambda h: (self.mlp(h), None)
+        x, _ = self._residual(x, self.mlp_norm, ffn, deterministic)
         return x, cache
 
 
@@ -79,7 +86,8 @@ class Stack(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
         self.cfg, self.causal = cfg, causal
-        self.layers = nnx.List([Block(cfg, cross=cross, rngs=rngs, num_layers=num_layers) for _ in range(num_layers)])
+        self.layers = nnx.List([Block(cfg, cross=cross, rngs=rngs, num_layers=num_layers, layer_index=i)
+                                for i in range(num_layers)])
         self.relative_bias = (
             RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs) if cfg.position == "relative" else None
         )
@@ -125,19 +133,22 @@ class Stack(nnx.Module):
 
         def body(state, x, segment_ids, positions, prefix, bias, context, context_segment_ids, context_positions):
             block = nnx.merge(graphdef, state)
-            out, _ = block(x, segment_ids, positions, causal=causal, prefix=prefix, bias=bias, context=context,
-                           context_segment_ids=context_segment_ids, context_positions=context_positions,
-                           deterministic=deterministic)
-            return out, jax.tree.leaves(nnx.state(block))  # plain arrays: Variables must not leave the trace
+            with collect_stats() as stats:  # MoE statistics leave the checkpoint as outputs, not as tracers
+                out, _ = block(x, segment_ids, positions, causal=causal, prefix=prefix, bias=bias, context=context,
+                               context_segment_ids=context_segment_ids, context_positions=context_positions,
+                               deterministic=deterministic)
+            return out, jax.tree.leaves(nnx.state(block)), stats  # plain arrays: Variables must not leave the trace
 
         if isinstance(bias, nnx.Module):  # the blockwise kernel's bias function: pass its table through too
             bias_def, bias_state = nnx.split(bias)
             inner = body
             body = lambda state, x, s, p, pre, bstate, *rest: inner(state, x, s, p, pre, nnx.merge(bias_def, bstate), *rest)
             bias = bias_state
-        out, leaves = jax.checkpoint(body, policy=policy, prevent_cse=True)(
+        out, leaves, stats = jax.checkpoint(body, policy=policy, prevent_cse=True)(
             state, x, segment_ids, positions, prefix, bias, context, context_segment_ids, context_positions)
         nnx.update(layer, jax.tree.unflatten(jax.tree.structure(state), leaves))
+        for s in stats:
+            record(s)
         return out
 
 

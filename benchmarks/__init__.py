@@ -1,0 +1,1 @@
+"""Throughput / MFU / memory benchmarks of llmjax; recorded results live in benchmarks/results/."""

@@ -1,0 +1,138 @@
+"""`llmjax compile`: the real train step compiled for a TPU topology on this CPU (libtpu in a side venv),
+per-chip memory, the fit verdict with its suggestions, the cost estimate; and the TPU attention path."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers.tpu_venv import REPO, tpu_python
+from llmjax import compile as comp
+from llmjax.models.attention import AttentionMask, attend, resolve_kernel, splash_attention, splash_supported
+
+
+def run_compile(*args, timeout=1500):
+    """`llmjax compile ...` from this (libtpu-free) environment: it re-executes itself in the side venv."""
+    tpu_python()  # make sure the venv exists
+    out = subprocess.run([sys.executable, "-m", "llmjax.cli", "compile", *args], capture_output=True, text=True,
+                         timeout=timeout, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    lines = out.stdout.strip().splitlines()
+    report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+    return out, report
+
+
+# ---------------------------------------------------------------------------------------------- fast
+def test_topology_names():
+    assert comp.parse_topology("v5p-128").jax_name == "v5p:4x4x4"  # v5p names count TensorCores
+    assert comp.parse_topology("v5p-8").jax_name == "v5p:2x2x1"
+    assert comp.parse_topology("v4-32").jax_name == "v4:2x2x4"
+    assert comp.parse_topology("v5e-16").jax_name == "v5e:4x4"  # v5e names count chips
+    assert comp.parse_topology("v5e:2x2").chips == 4
+    with pytest.raises(ValueError, match="v5p-128"):
+        comp.parse_topology("tpu7")
+
+
+def test_collectives_and_compiler_oom_message_are_read():
+    hlo = ("%ag = bf16[2048,8192]{1,0} all-gather(bf16[32,8192]{1,0} %p), dimensions={0}\n"
+           "%ar = f32[16]{0} all-reduce(f32[16]{0} %x), to_apply=%add\n"
+           "%rs = (f32[4]{0}, f32[8]{0}) reduce-scatter-start(f32[16] %a, f32[32] %b)\n")
+    assert comp.collective_bytes(hlo) == 2048 * 8192 * 2 + 2 * 16 * 4 + (4 + 8) * 4
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(550.34G) exceeds available HBM (95.74G).")
+    assert comp._temporaries_from_oom(msg, hbm=95 * 2 ** 30, state=0) == int(550.34 * 2 ** 30)
+
+
+def test_missing_libtpu_says_how_to_get_it(tmp_path):
+    code = ("import sys, importlib.util as u; f = u.find_spec; "
+            "u.find_spec = lambda n, *a: None if n == 'libtpu' else f(n, *a); "
+            "from llmjax.cli import main; sys.exit(main(['llmjax'] + sys.argv[1:]))")
+    out = subprocess.run([sys.executable, "-c", code, "compile", "--config", "configs/gpt_tiny.py"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env=dict(os.environ, LLMJAX_TPU_VENV=str(tmp_path / "none")))
+    assert out.returncode == 2, out.stderr
+    assert "pip install 'llmjax[tpu]'" in out.stderr and "libtpu==0.0.42.1" in out.stderr
+
+
+def test_auto_kernel_by_platform():
+    assert resolve_kernel("auto", "tpu") == "splash"
+    assert resolve_kernel("auto", "gpu") == "dot_product"
+    assert resolve_kernel("auto", "cpu") == "reference"
+    assert resolve_kernel("blockwise", "tpu") == "blockwise"
+
+
+def _packed_inputs(t=256, n=4, kvh=2, h=64, b=2):
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(kq, (b, t, n, h)), jax.random.normal(kk, (b, t, kvh, h)),
+               jax.random.normal(kv, (b, t, kvh, h)))
+    seg = np.ones((b, t), np.int32)
+    pos = np.tile(np.arange(t), (b, 1))
+    seg[0, 100:], pos[0, 100:] = 2, np.arange(t - 100)  # two packed documents
+    seg[1, t - 6:] = 0  # padding
+    return q, k, v, jnp.asarray(seg), jnp.asarray(pos)
+
+
+@pytest.mark.parametrize("causal", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_splash_kernel_matches_reference(causal):
+    """The Pallas splash kernel (run by the Pallas interpreter on this CPU) equals the reference attention
+    on packed, padded, grouped-query inputs, values and gradients."""
+    q, k, v, seg, pos = _packed_inputs()
+    mask = AttentionMask(seg, seg, pos, pos, None, causal=causal)
+    assert splash_supported(q, k, mask)
+    ref = lambda q, k, v: attend(q, k, v, mask, kernel="reference", scale=0.125)
+    spl = lambda q, k, v: splash_attention(q, k, v, mask, scale=0.125, interpret=True)
+    np.testing.assert_allclose(spl(q, k, v), ref(q, k, v), atol=2e-5)
+    w = jax.random.normal(jax.random.key(1), q.shape)
+    grads = [jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v) for f in (ref, spl)]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, atol=5e-5)
+    # What splash cannot do (prefix LM, a bias) falls back to the reference kernel.
+    assert not splash_supported(q, k, AttentionMask(seg, seg, pos, pos, seg > 0, causal=True))
+    assert not splash_supported(q, k, mask, bias=jnp.zeros((1, 4, 256, 256)))
+
+
+# ---------------------------------------------------------------------------------------------- slow
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["gpt_tiny", "bert_tiny", "t5_tiny"])
+def test_compile_each_family_on_v5e(config, tmp_path):
+    out, r = run_compile("--config", f"configs/{config}.py", "--topology", "v5e:2x2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert r["fits"] and r["topology"]["chips"] == 4
+    mem = r["memory_per_chip_bytes"]
+    assert mem["parameters"] > 0 and mem["optimizer_state"] > mem["parameters"] and mem["temporaries"] > 0
+    assert r["cost_per_chip"]["flops"] > 0 and 0 < r["estimated_mfu"] <= 1
+    assert "memory per chip" in out.stdout and "fits" in out.stdout
+    if config == "gpt_tiny":
+        assert r["config"]["attention_kernel"] == "splash"
+
+
+@pytest.mark.slow
+def test_fsdp_over_four_chips_holds_a_quarter_of_the_parameters():
+    mem = {}
+    for data, fsdp in ((4, 1), (1, 4)):  # replicated on each chip, then sharded over the 4 chips
+        out, r = run_compile("--config", "configs/gpt_tiny.py", "--topology", "v5e:2x2", f"--config.mesh.data={data}",
+                             f"--config.mesh.fsdp={fsdp}")
+        assert out.returncode == 0, out.stderr[-3000:]
+        mem[fsdp] = r["memory_per_chip_bytes"]
+    replicated, sharded = mem[1], mem[4]
+    for part in ("parameters", "optimizer_state"):
+        assert 0.24 < sharded[part] / replicated[part] < 0.27, (part, sharded[part], replicated[part])
+
+
+@pytest.mark.slow
+def test_config_that_does_not_fit_says_so_and_suggests_a_fix():
+    # A 1.3B-parameter model replicated on each 16 GiB v5e chip: fp32 weights + Adam + gradients > 16 GiB.
+    big = ["--config", "configs/gpt_tiny.py", "--topology", "v5e:2x2", "--config.model.d_model=4096",
+           "--config.model.num_heads=32", "--config.model.mlp_dim=16384", "--config.model.num_layers=6"]
+    out, r = run_compile(*big, "--config.mesh.data=4", "--config.mesh.fsdp=1")
+    assert out.returncode == 3, out.stderr[-3000:]
+    assert not r["fits"] and r["memory_per_chip_bytes"]["peak"] > 16 * 2 ** 30
+    assert "DOES NOT FIT" in out.stdout
+    assert any("--config.mesh.fsdp=-1" in s for s in r["suggestions"]), r["suggestions"]
+    # Following the suggestion makes it fit.
+    out, r = run_compile(*big, "--config.mesh.data=1", "--config.mesh.fsdp=-1")
+    assert out.returncode == 0 and r["fits"], out.stdout[-2000:]
