@@ -70,17 +70,12 @@ def default_grid() -> ml_collections.ConfigDict:
 
 
 def load_grid(path) -> ml_collections.ConfigDict:
-    import importlib.util
+    from llmjax.config import load_config
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--grid: {str(path)!r} does not exist; e.g. --grid configs/compare/objectives.py")
-    spec = importlib.util.spec_from_file_location(f"llmjax_grid_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_grid"):
-        raise ConfigError(f"grid file {str(path)!r} has no get_grid() function")
-    grid = module.get_grid()
+    try:
+        grid = load_config(path, "get_grid", "configs/compare/objectives.py", "--grid")
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     check_grid(grid)
     return grid
 

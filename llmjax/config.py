@@ -36,17 +36,18 @@ def base_config(*, objective: str, **model) -> ml_collections.ConfigDict:
     return cfg
 
 
-def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """Import a config file and call its get_config()."""
+def load_config(path: str | pathlib.Path, function: str = "get_config", example: str = "configs/gpt_tiny.py",
+                flag: str = "--config") -> ml_collections.ConfigDict:
+    """Import a config file and call its get_config() (or `function`, e.g. a grid file's get_grid())."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist; pass e.g. --config configs/gpt_tiny.py")
+        raise FileNotFoundError(f"{flag}: file {str(path)!r} does not exist; pass e.g. {flag} {example}")
     spec = importlib.util.spec_from_file_location(f"llmjax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {str(path)!r} has no get_config() function")
-    return module.get_config()
+    if not hasattr(module, function):
+        raise ConfigError(f"file {str(path)!r} has no {function}() function")
+    return getattr(module, function)()
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:

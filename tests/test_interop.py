@@ -6,11 +6,12 @@ HF's init (norm scales 1, biases 0) would hide mapping mistakes. Non-default nor
 make a config field that is mapped wrongly show up in the logits.
 """
 
+import importlib
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = importlib.import_module("torch")
+transformers = importlib.import_module("transformers")
 
 from flax import nnx  # noqa: E402
 

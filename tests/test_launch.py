@@ -6,6 +6,7 @@ Job parts, strict: unknown fields fail) and JOBSET_SCHEMA below, a JSON schema o
 written by hand from the JobSet API types (kubernetes-sigs/jobset api/jobset/v1alpha2/jobset_types.go).
 """
 
+import importlib
 import json
 import os
 import shlex
@@ -243,8 +244,8 @@ K8S_VERSION = "1.33.0"  # a GKE version; kubernetes-validate ships schemas for i
 
 
 def _validate_jobset(manifest):
-    jsonschema = pytest.importorskip("jsonschema")
-    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (test extra)")
+    jsonschema = importlib.import_module("jsonschema")
+    kv = importlib.import_module("kubernetes_validate")
     jsonschema.validate(manifest, JOBSET_SCHEMA)  # JobSet's own fields
     for rj in manifest["spec"]["replicatedJobs"]:  # each job template is a batch/v1 Job spec
         job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": f"{manifest['metadata']['name']}-x"},
@@ -254,7 +255,7 @@ def _validate_jobset(manifest):
 
 @pytest.mark.parametrize("accel", ["tpu", "gpu"])
 def test_k8s_jobset_manifest_validates(accel, tmp_path):
-    yaml = pytest.importorskip("yaml")
+    yaml = importlib.import_module("yaml")
     out = tmp_path / "jobset.yaml"
     opts = (["--tpu-accelerator", "tpu-v5p-slice", "--tpu-topology", "2x2x4", "--chips-per-host", "4"] if accel == "tpu"
             else ["--gpus-per-host", "8", "--gpu-accelerator", "nvidia-h100-80gb"])
@@ -282,8 +283,8 @@ def test_k8s_jobset_manifest_validates(accel, tmp_path):
 
 def test_k8s_validation_catches_mistakes():
     """The validators are not rubber stamps: a misspelt pod field and a wrong JobSet field both fail."""
-    jsonschema = pytest.importorskip("jsonschema")
-    kv = pytest.importorskip("kubernetes_validate")
+    jsonschema = importlib.import_module("jsonschema")
+    kv = importlib.import_module("kubernetes_validate")
     m = k8s.jobset_manifest(["train"], name="a", image="i", num_hosts=2)
     _validate_jobset(m)
     bad_pod = json.loads(json.dumps(m))

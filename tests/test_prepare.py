@@ -1,5 +1,6 @@
 """Corpus sources, the default corpus and `prepare`: idempotent, atomic, clear about bad inputs."""
 
+import importlib
 import json
 import logging
 import pickle
@@ -101,7 +102,7 @@ def test_jsonl_documents_and_errors(tmp_path):
 
 
 def test_parquet_documents_and_errors(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    pa = importlib.import_module("pyarrow")
     import pyarrow.parquet as pq
 
     table = pa.table({"text": ["alpha doc", None, "beta\ndoc", "  "], "n": [1, 2, 3, 4]})
