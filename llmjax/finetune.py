@@ -495,8 +495,8 @@ def finetune(cfg, init_from, workdir, *, progress: bool = True) -> dict:
     batch_sh = tr.batch_shardings(mesh, first)
     step_fn = tr.make_train_step(graphdef, tx, state_sh, batch_sh, micro_batches=tc.micro_batches,
                                  label_smoothing=tc.label_smoothing, z_loss=tc.z_loss, lr_schedule=lr_schedule,
-                                 loss_fn=loss_fn, weights_fn=make_weights_fn(task))
-    eval_fn = tr.make_eval_step(graphdef, state_sh, batch_sh, loss_fn=make_loss_fn(task))
+                                 loss_fn=loss_fn, weights_fn=make_weights_fn(task), rules=rules)
+    eval_fn = tr.make_eval_step(graphdef, state_sh, batch_sh, loss_fn=make_loss_fn(task), rules=rules)
 
     def evaluate(state) -> dict:
         total = None

@@ -325,7 +325,24 @@ def make_train_step(graphdef, tx, state_sh, batch_sh, *, micro_batches: int = 1,
             metrics["learning_rate"] = lr_schedule(state.step)
         return new, metrics
 
-    return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+    return MeshJit(jitted, jax.tree.leaves(batch_sh)[0].mesh)
+
+
+class MeshJit:
+    """A jitted step that is traced, compiled and run under its mesh (jax.set_mesh): activations keep their
+    batch sharding (layers.shard_batch) and the TPU splash kernel runs per shard, as `llmjax compile` checks."""
+
+    def __init__(self, jitted, mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
 
 
 def _metrics(sums: dict) -> dict:
@@ -360,7 +377,7 @@ def make_eval_step(graphdef, state_sh, batch_sh, *, loss_fn=None, rules: dict | 
             _, sums = loss_fn(model, batch, deterministic=True)
         return sums  # summed, so several eval batches add up exactly
 
-    return jax.jit(step, in_shardings=(state_sh, batch_sh))
+    return MeshJit(jax.jit(step, in_shardings=(state_sh, batch_sh)), jax.tree.leaves(batch_sh)[0].mesh)
 
 
 def global_batch(local: dict, mesh, process_count: int | None = None) -> dict:

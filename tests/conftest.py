@@ -1,10 +1,84 @@
-"""Test setup: CPU only, 8 simulated devices for mesh tests (set before JAX is imported)."""
+"""Test setup: CPU only, 8 simulated devices for mesh tests (set before JAX is imported); the longest tests
+scheduled first; corpora that several end-to-end runs train on, prepared once per session."""
 
+import fcntl
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The longest tests (seconds on 2 busy cores), started first: pytest-xdist hands tests out in collection
+# order, so a long test collected last would make the suite end late while the other worker idles.
+LONGEST_FIRST = {
+    "test_tpu_compile.py::test_remat_reduces_compiled_temporary_memory_on_tpu": 270,
+    "test_moe.py::test_moe_tiny_trains_and_validation_loss_falls": 180,
+    "test_compile.py::test_config_that_does_not_fit_says_so_and_suggests_a_fix": 160,
+    "test_compare.py::test_micro_grid_runs_resumes_and_reports": 155,
+    "test_checkpoint.py::test_resume_after_sigkill_and_sigterm_is_bit_identical": 145,
+    "test_end_to_end.py::test_tiny_config_trains_and_validation_loss_falls": 100,
+    "test_launch.py::test_two_process_checkpoint_resumes_in_one_process": 95,
+    "test_finetune.py::test_finetune_from_a_training_workdir": 90,  # + test_generate_cli's fill (same run)
+    "test_compile.py::test_fsdp_over_four_chips_holds_a_quarter_of_the_parameters": 75,
+    "test_slurm.py::test_slurm_two_task_training_job": 75,
+    "test_moe.py::test_remat_and_micro_batches_keep_the_moe_metrics": 63,
+    "test_checkpoint.py::test_saved_on_fsdp8_restores_on_4_and_1_devices_and_continues": 60,
+    "test_finetune.py::test_text_to_text_with_lora_reports_exact_match_and_generates": 60,
+    "test_launch.py::test_sigterm_to_one_rank_saves_the_same_step_on_every_rank": 60,
+    "test_moe.py::test_aux_loss_gives_the_router_gradients_in_the_train_step": 58,
+    "test_compile.py::test_compile_each_family_on_v5e": 47,
+    "test_train.py::test_remat_reduces_saved_activations_with_same_losses": 45,
+}
+
+
+def _expected_seconds(item) -> float:
+    nodeid = item.nodeid.split("[")[0]
+    return next((s for name, s in LONGEST_FIRST.items() if nodeid.endswith(name)), 0.0)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The tests of LONGEST_FIRST first, longest first; the others after them in their collection order."""
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (-_expected_seconds(item), order[id(item)]))
+
+
+# -------------------------------------------------------------------------------------- shared corpora
+def _session_root(tmp_path_factory, worker_id: str):
+    """A directory shared by the xdist workers of this session (the per-worker base temp's parent)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+def prepared_data_dir(tmp_path_factory, worker_id: str, config_file: str, overrides: list[str]) -> str:
+    """A data_dir holding the corpus `llmjax prepare` makes for `config_file` + `overrides`, prepared once for
+    the whole session (the first worker to get here prepares it under a file lock, the others find it)."""
+    import hashlib
+
+    from llmjax import cli
+
+    key = hashlib.sha256("\0".join([config_file, *overrides]).encode()).hexdigest()[:12]
+    root = _session_root(tmp_path_factory, worker_id) / "shared_data"
+    root.mkdir(parents=True, exist_ok=True)
+    data_dir = root / key
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            assert cli.main(["llmjax", "prepare", f"--config={config_file}", *overrides,
+                             f"--config.data.data_dir={data_dir}"]) == 0
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return str(data_dir)
+
+
+# The corpus of test_end_to_end's and test_moe's tiny runs (the same data section in every tiny config).
+SMALL_CORPUS = ["--config.data.max_documents=600", "--config.data.vocab_size=1500", "--config.model.vocab_size=1500"]
+
+
+@pytest.fixture(scope="session")
+def small_corpus_dir(tmp_path_factory, worker_id):
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "gpt_tiny.py")
+    return prepared_data_dir(tmp_path_factory, worker_id, config, SMALL_CORPUS)

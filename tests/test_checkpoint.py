@@ -22,14 +22,19 @@ ROOT = pathlib.Path(__file__).parent.parent
 CONFIG = ROOT / "configs" / "gpt_tiny.py"
 
 
+DATA = ["--config.data.max_documents=300", "--config.data.vocab_size=1000", "--config.model.vocab_size=1000"]
+
+
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")  # prepared once per worker, shared by the runs below
+def data_dir(tmp_path_factory, worker_id):
+    from conftest import prepared_data_dir
+
+    # prepared once per session (conftest), shared by the runs below
+    return pathlib.Path(prepared_data_dir(tmp_path_factory, worker_id, str(CONFIG), DATA))
 
 
 def args(workdir, data_dir, steps=12, *extra):
-    return ["train", f"--config={CONFIG}", f"--workdir={workdir}", "--config.data.max_documents=300",
-            "--config.data.vocab_size=1000", "--config.model.vocab_size=1000", f"--config.data.data_dir={data_dir}",
+    return ["train", f"--config={CONFIG}", f"--workdir={workdir}", *DATA, f"--config.data.data_dir={data_dir}",
             "--config.model.d_model=64", "--config.model.mlp_dim=128", "--config.model.num_layers=2",
             "--config.model.num_heads=4", "--config.train.num_samples=0", "--config.train.log_every=1",
             "--config.train.eval_every=1000", "--config.train.eval_batches=1", "--config.train.checkpoint_every=4",

@@ -16,8 +16,18 @@ from llmjax import compile as comp
 from llmjax.models.attention import AttentionMask, attend, resolve_kernel, splash_attention, splash_supported
 
 
+_COMPILED = {}  # args -> (process, report): one compile serves every test of this worker that asks for it
+
+
 def run_compile(*args, timeout=1500):
-    """`llmjax compile ...` from this (libtpu-free) environment: it re-executes itself in the side venv."""
+    """`llmjax compile ...` from this (libtpu-free) environment: it re-executes itself in the side venv.
+    The same arguments are compiled once per test process (the tests using one compile share an xdist_group)."""
+    if args not in _COMPILED:
+        _COMPILED[args] = _run_compile(*args, timeout=timeout)
+    return _COMPILED[args]
+
+
+def _run_compile(*args, timeout=1500):
     tpu_python()  # make sure the venv exists
     out = subprocess.run([sys.executable, "-m", "llmjax.cli", "compile", *args], capture_output=True, text=True,
                          timeout=timeout, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -96,10 +106,14 @@ def test_splash_kernel_matches_reference(causal):
 
 
 # ---------------------------------------------------------------------------------------------- slow
+DEFAULT_ARGS = {c: ("--config", f"configs/{c}.py", "--topology", "v5e:2x2") for c in ("gpt_tiny", "bert_tiny", "t5_tiny")}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["gpt_tiny", "bert_tiny", "t5_tiny"])
+@pytest.mark.parametrize("config", [pytest.param("gpt_tiny", marks=pytest.mark.xdist_group("compile_gpt_tiny")),
+                                    "bert_tiny", "t5_tiny"])
 def test_compile_each_family_on_v5e(config, tmp_path):
-    out, r = run_compile("--config", f"configs/{config}.py", "--topology", "v5e:2x2")
+    out, r = run_compile(*DEFAULT_ARGS[config])
     assert out.returncode == 0, out.stderr[-3000:]
     assert r["fits"] and r["topology"]["chips"] == 4
     mem = r["memory_per_chip_bytes"]
@@ -111,12 +125,16 @@ def test_compile_each_family_on_v5e(config, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("compile_gpt_tiny")
 def test_fsdp_over_four_chips_holds_a_quarter_of_the_parameters():
     mem = {}
-    for data, fsdp in ((4, 1), (1, 4)):  # replicated on each chip, then sharded over the 4 chips
-        out, r = run_compile("--config", "configs/gpt_tiny.py", "--topology", "v5e:2x2", f"--config.mesh.data={data}",
-                             f"--config.mesh.fsdp={fsdp}")
+    # Replicated on each chip (gpt_tiny's default mesh on 4 chips, data=4 x fsdp=1: the compile of
+    # test_compile_each_family_on_v5e[gpt_tiny]), then sharded over the 4 chips.
+    for data, fsdp in ((4, 1), (1, 4)):
+        mesh = [] if fsdp == 1 else [f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}"]
+        out, r = run_compile(*DEFAULT_ARGS["gpt_tiny"], *mesh)
         assert out.returncode == 0, out.stderr[-3000:]
+        assert (r["mesh"]["data"], r["mesh"]["fsdp"]) == (data, fsdp), r["mesh"]
         mem[fsdp] = r["memory_per_chip_bytes"]
     replicated, sharded = mem[1], mem[4]
     for part in ("parameters", "optimizer_state"):

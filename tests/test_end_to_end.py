@@ -18,9 +18,10 @@ SMALL = ["--config.data.max_documents=600", "--config.data.vocab_size=1500", "--
 @pytest.mark.slow
 @pytest.mark.parametrize("name,objective", [("gpt_tiny", "causal_lm"), ("bert_tiny", "mlm"),
                                             ("t5_tiny", "span_corruption")])
-def test_tiny_config_trains_and_validation_loss_falls(name, objective, tmp_path, capsys):
+def test_tiny_config_trains_and_validation_loss_falls(name, objective, tmp_path, capsys, small_corpus_dir):
     workdir = tmp_path / name
     extra = [] if name == "gpt_tiny" else ["--config.train.num_samples=0"]
+    extra.append(f"--config.data.data_dir={small_corpus_dir}")  # the SMALL corpus, prepared once per session
     assert cli.main(["llmjax", "train", f"--config={CONFIGS / name}.py", f"--workdir={workdir}", *SMALL, *extra]) == 0
     rows = read_metrics(workdir)
     evals = [r["eval/loss"] for r in rows if "eval/loss" in r]

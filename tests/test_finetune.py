@@ -254,6 +254,7 @@ def test_finetune_command_errors_name_the_flag_or_file(task_files, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- slow
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_run_encoder")  # with test_generate_cli's fill test: tiny_run("encoder") trained once
 def test_finetune_from_a_training_workdir(task_files, tmp_path):
     """From `llmjax train`'s workdir (newest checkpoint + the prepared data's tokenizer), with the CLI."""
     pretrained = tiny_runs.tiny_run("encoder")

@@ -86,6 +86,7 @@ def test_generate_continues_the_counting_pattern_of_a_trained_decoder(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_run_encoder")  # with test_finetune's workdir test: tiny_run("encoder") trained once
 def test_fill_predicts_masked_words_of_a_trained_encoder(capsys):
     workdir = tiny_runs.tiny_run("encoder")
     capsys.readouterr()

@@ -341,10 +341,14 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_rank_saves_the_same_step_on_every_rank(tmp_path):
+def test_sigterm_to_one_rank_saves_the_same_step_on_every_rank(tmp_path, tmp_path_factory, worker_id):
     """A preemption notice reaching only rank 1 (SIGTERM): JAX's preemption sync point makes both ranks
     stop after the same step, save it together and exit 0; the run then resumes from that step."""
-    data_dir, workdir = tmp_path / "data", tmp_path / "run"
+    from conftest import prepared_data_dir
+
+    # TINY_TRAIN's corpus, prepared once per session (preparing in a 2-process launch: the tests above).
+    data_dir = prepared_data_dir(tmp_path_factory, worker_id, str(REPO / "configs/gpt_tiny.py"), TINY_TRAIN[:3])
+    workdir = tmp_path / "run"
     proc = subprocess.Popen(_launch_cmd(workdir, *SMALL_MODEL, f"--config.data.data_dir={data_dir}",
                                         "--config.train.steps=100000", "--config.train.checkpoint_every=0"),
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)

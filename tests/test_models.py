@@ -76,9 +76,10 @@ def test_every_config_loads_and_builds_abstractly(path):
     ("bert_base", 110_106_428),  # BERT-base with MLM + NSP heads (BertForPreTraining)
     ("t5_base", 222_903_552),  # T5-base (T5ForConditionalGeneration)
     ("llama_1b", 1_235_814_400),  # Llama 3.2 1B
+    ("llama_7b", 6_738_415_616),  # Llama 2 7B (LlamaForCausalLM)
 ])
 def test_published_parameter_counts(name, expected):
-    paper = {"gpt2_small": 124e6, "bert_base": 110e6, "t5_base": 223e6, "llama_1b": 1.24e9}[name]
+    paper = {"gpt2_small": 124e6, "bert_base": 110e6, "t5_base": 223e6, "llama_1b": 1.24e9, "llama_7b": 6.74e9}[name]
     cfg = model_config(load_config(pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"))
     n = count_params(nnx.state(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param))
     assert n == expected
@@ -331,3 +332,43 @@ def test_bert_heads():
     assert out["class_logits"].shape == (2, 3) and out["tag_logits"].shape == (2, 10, 5)
     out0 = model(tokens)
     assert not np.allclose(out["hidden"], out0["hidden"])  # token types matter
+
+
+# ------------------------------------------------------------------------------- hand-written gradients
+@pytest.mark.parametrize("center", [True, False])  # LayerNorm, RMSNorm
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_normalize_value_and_gradients_match_autodiff(center, with_bias):
+    from llmjax.models.layers import normalize
+
+    rng = np.random.default_rng(20)
+    x = jnp.asarray(rng.normal(size=(3, 5, 16)) * 3 + 1, jnp.float32)
+    scale = jnp.asarray(rng.normal(size=16), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=16), jnp.float32) if with_bias else None
+    w = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)
+
+    def plain(x, scale, bias):
+        if center:
+            x = x - x.mean(-1, keepdims=True)
+        y = x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+        return y if bias is None else y + bias
+
+    argnums = (0, 1, 2) if with_bias else (0, 1)
+    ours = jax.value_and_grad(lambda *a: jnp.sum(normalize(*a, 1e-6, center) * w), argnums)(x, scale, bias)
+    want = jax.value_and_grad(lambda *a: jnp.sum(plain(*a) * w), argnums)(x, scale, bias)
+    np.testing.assert_allclose(ours[0], want[0], rtol=1e-5)
+    for a, b in zip(ours[1], want[1]):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_exact_gelu_and_its_gradient_match_torch():
+    import torch
+
+    from llmjax.models.layers import gelu_exact
+
+    x = np.linspace(-10, 10, 40001).astype(np.float32)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.gelu(tx)  # exact (erf) GELU
+    ty.sum().backward()
+    np.testing.assert_allclose(gelu_exact(jnp.asarray(x)), ty.detach().numpy(), atol=2e-6, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda a: gelu_exact(a).sum())(jnp.asarray(x)), tx.grad.numpy(),
+                               atol=1e-6, rtol=1e-6)

@@ -432,6 +432,38 @@ def test_cross_entropy_matches_naive_numpy():
     np.testing.assert_allclose(losses.cross_entropy(bf16, jnp.asarray(targets)).loss, expected.sum(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("label_smoothing, z_loss", [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-2), (0.2, 1e-2)])
+def test_cross_entropy_gradient_matches_autodiff_of_the_formula(label_smoothing, z_loss):
+    """cross_entropy's hand-written backward pass against JAX's gradient of the textbook formula."""
+    rng = np.random.default_rng(13)
+    logits = jnp.asarray(rng.normal(size=(3, 5, 17)) * 3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 17, (3, 5)))
+    weights = jnp.asarray(rng.random((3, 5)), jnp.float32)
+
+    def plain(x):
+        logp = jax.nn.log_softmax(x, -1)
+        q = (1 - label_smoothing) * jax.nn.one_hot(targets, 17) + label_smoothing / 17
+        lse = jax.nn.logsumexp(x, -1)
+        return jnp.sum((-(q * logp).sum(-1) + z_loss * lse ** 2) * weights)
+
+    ours = lambda x: losses.cross_entropy(x, targets, weights, label_smoothing=label_smoothing, z_loss=z_loss).loss
+    np.testing.assert_allclose(ours(logits), plain(logits), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(plain)(logits), atol=1e-6)
+
+
+def test_accuracy_is_argmax_with_its_tie_breaking():
+    """Ties go to the lowest index, as jnp.argmax: a target tied with an earlier logit is wrong, with a later
+    one right (the accuracy is computed without an arg-reduction)."""
+    rng = np.random.default_rng(14)
+    logits = jnp.asarray(rng.integers(0, 3, (4000, 6)), jnp.float32)  # many ties
+    targets = jnp.asarray(rng.integers(0, 6, 4000))
+    sums = losses.cross_entropy(logits, targets)
+    assert float(sums.correct) == int(np.sum(np.argmax(np.asarray(logits), -1) == np.asarray(targets)))
+    tied = jnp.zeros((1, 1, 4))
+    assert float(losses.cross_entropy(tied, jnp.array([[0]])).correct) == 1.0
+    assert float(losses.cross_entropy(tied, jnp.array([[2]])).correct) == 0.0
+
+
 def test_label_smoothing_and_z_loss_by_hand():
     logits = jnp.log(jnp.array([[[1.0, 2.0, 3.0, 4.0]]]))  # p = 0.1, 0.2, 0.3, 0.4; logsumexp = log 10
     target = jnp.array([[3]])

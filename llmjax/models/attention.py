@@ -11,6 +11,7 @@ Shape letters: B batch, T query length, S key length, N query heads, K kv heads,
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -91,41 +92,115 @@ class KVCache:
 
 
 # ----------------------------------------------------------------------------------------------- kernels
-def _group(q: jax.Array, kv_heads: int) -> jax.Array:
-    b, t, n, h = q.shape
-    return q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]: query head n uses kv head n // G
-
-
 def _bias_grouped(bias: jax.Array, kv_heads: int) -> jax.Array:
     b, n, t, s = bias.shape
     return bias.reshape(b, kv_heads, n // kv_heads, t, s)  # [B|1, K, G, T, S]
+
+
+def _heads_first(x: jax.Array, kv_heads: int) -> jax.Array:
+    """[B, T, N, H] -> [B, K, G, T, H]: query head n uses kv head n // G."""
+    b, t, n, h = x.shape
+    return x.reshape(b, t, kv_heads, n // kv_heads, h).transpose(0, 2, 3, 1, 4)
+
+
+def _tokens_first(x: jax.Array) -> jax.Array:
+    """[B, K, G, T, H] -> [B, T, N, H]."""
+    b, kvh, g, t, h = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(b, t, kvh * g, h)
+
+
+def _bmm(a, b, contract: tuple[int, int], out_dtype=None):
+    """Batched matmul over the two leading dims [B, K]: contract dim `contract[0]` of a with `contract[1]`
+    of b (each 2 or 3)."""
+    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((0, 1), (0, 1))),
+                               preferred_element_type=out_dtype)
+
+
+def _scores_to_probs(qh, kh, allowed, bias, keep, scale, rate):
+    """Probabilities [B, K, G*T, S] (float32; dropout applied when `keep` is given) and the undropped ones."""
+    b, kvh, g, t, h = qh.shape
+    s = _bmm(qh.reshape(b, kvh, g * t, h), kh, (3, 3), jnp.float32).reshape(b, kvh, g, t, -1) * scale
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    s = jnp.where(allowed[:, None, None], s, NEG_INF)
+    s = s - s.max(-1, keepdims=True)
+    e = jnp.exp(s)
+    p = (e / e.sum(-1, keepdims=True)).reshape(b, kvh, g * t, -1)
+    p_used = p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
+    return p, p_used
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _softmax_attention(scale: float, rate: float, qh, kh, vh, allowed, bias, keep):
+    """softmax(q k^T * scale + bias, masked) v on heads-first arrays: qh [B, K, G, T, H], kh/vh [B, K, S, H],
+    allowed [B, T, S] bool, bias None or [B|1, K, G, T, S], keep None or the dropout mask [B, K, G*T, S].
+
+    The backward pass is written out (the flash-attention form: dS = P * (dP - rowsum(dO * O))) rather than
+    left to autodiff, which spends several more passes over the [T, S] probabilities."""
+    _, p_used = _scores_to_probs(qh, kh, allowed, bias, keep, scale, rate)
+    b, kvh, g, t, h = qh.shape
+    return _bmm(p_used.astype(vh.dtype), vh, (3, 2)).reshape(b, kvh, g, t, h)
+
+
+def _softmax_attention_fwd(scale, rate, qh, kh, vh, allowed, bias, keep):
+    p, p_used = _scores_to_probs(qh, kh, allowed, bias, keep, scale, rate)
+    b, kvh, g, t, h = qh.shape
+    o = _bmm(p_used.astype(vh.dtype), vh, (3, 2))  # [B, K, G*T, H]
+    return o.reshape(b, kvh, g, t, h), (qh, kh, vh, p, o, keep, bias)
+
+
+def _softmax_attention_bwd(scale, rate, res, do):
+    qh, kh, vh, p, o, keep, bias = res
+    b, kvh, g, t, h = qh.shape
+    do = do.reshape(b, kvh, g * t, h)
+    p_used = p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
+    dv = _bmm(p_used.astype(do.dtype), do, (2, 2), jnp.float32)  # [B, K, S, H]
+    dp = _bmm(do, vh, (3, 3), jnp.float32)  # [B, K, G*T, S]
+    if keep is not None:
+        dp = jnp.where(keep, dp / (1.0 - rate), 0.0)
+    # sum_s P dP = sum_s P_used dP_used = rowsum(dO * O): with or without dropout
+    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1, keepdims=True)
+    ds = p * (dp - delta)  # d(scores), [B, K, G*T, S]; zero where masked since P is
+    dq = _bmm(ds.astype(kh.dtype), kh, (3, 2), jnp.float32) * scale  # [B, K, G*T, H]
+    dk = _bmm(ds.astype(qh.dtype), qh.reshape(b, kvh, g * t, h), (2, 2), jnp.float32) * scale  # [B, K, S, H]
+    dbias = None
+    if bias is not None:
+        dbias = ds.reshape(b, kvh, g, t, -1)
+        dbias = jnp.sum(dbias, axis=tuple(i for i in range(5) if bias.shape[i] == 1 and dbias.shape[i] > 1),
+                        keepdims=True).astype(bias.dtype)
+    return (dq.reshape(qh.shape).astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, dbias, None)
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def reference_attention(q, k, v, mask: AttentionMask, *, bias=None, scale: float, dropout_rate=0.0,
                         dropout_rng=None) -> jax.Array:
     """Plain attention; materialises the [B, N, T, S] scores. Softmax in float32.
 
-    Laid out heads-first as batched matmuls, [B, K, G*T, H] @ [B, K, H, S] (the G query heads sharing a kv
-    head stacked along the rows): XLA:CPU runs these much faster than the equivalent 5-D einsums."""
+    Heads first as batched matmuls, [B, K, G*T, H] x [B, K, S, H] (the G query heads sharing a kv head
+    stacked along the rows): XLA:CPU runs these much faster than the equivalent 5-D einsums."""
     b, t, n, h = q.shape
-    s_len, kvh = k.shape[1], k.shape[2]
-    g = n // kvh
-    qh = q.reshape(b, t, kvh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, h)  # [B, K, G*T, H]
-    kh = k.transpose(0, 2, 3, 1)  # [B, K, H, S]
-    vh = v.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    s = jnp.matmul(qh, kh, preferred_element_type=jnp.float32).reshape(b, kvh, g, t, s_len) * scale
+    kvh = k.shape[2]
+    out = _reference_heads_first(_heads_first(q, kvh), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask,
+                                 bias=bias, scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    return _tokens_first(out).astype(q.dtype)
+
+
+def _reference_heads_first(qh, kh, vh, mask: AttentionMask, *, bias, scale, dropout_rate=0.0, dropout_rng=None):
+    """`reference_attention` on heads-first arrays (qh [B, K, G, T, H], kh/vh [B, K, S, H])."""
+    b, kvh, g, t, h = qh.shape
+    if callable(bias):
+        bias = bias(mask.q_positions, mask.kv_positions)
     if bias is not None:
-        s = s + _bias_grouped(bias(mask.q_positions, mask.kv_positions) if callable(bias) else bias, kvh)
-    allowed = mask.dense()  # [B, T, S]
-    s = jnp.where(allowed[:, None, None], s, NEG_INF)
-    p = jax.nn.softmax(s, axis=-1)  # [B, K, G, T, S]
+        bias = _bias_grouped(bias, kvh)
+    keep = None
     if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, p.shape)
-        p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
-    o = jnp.matmul(p.reshape(b, kvh, g * t, s_len).astype(v.dtype), vh)  # [B, K, G*T, H]
-    o = o.reshape(b, kvh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (b, kvh, g * t, kh.shape[2]))
+    allowed = mask.dense()  # [B, T, S]
+    o = _softmax_attention(scale, dropout_rate if keep is not None else 0.0, qh, kh, vh, allowed, bias, keep)
     # A query that sees nothing (padding) outputs zeros (its uniform softmax row is dropped here).
-    return jnp.where(allowed.any(-1)[:, :, None, None], o, 0.0).astype(q.dtype)
+    return jnp.where(allowed.any(-1)[:, None, None, :, None], o, 0.0)
 
 
 def causal_query_blocks(t: int) -> int:
@@ -143,16 +218,18 @@ def causal_blocks_attention(q, k, v, mask: AttentionMask, *, bias=None, scale: f
 
     Exact when a query never sees a later key: causal, no bidirectional prefix, T == S, and positions
     increasing with the index within each segment (as packing and the default positions produce)."""
-    t = q.shape[1]
+    t, kvh = q.shape[1], k.shape[2]
     bq = t // num_blocks
+    qh, kh, vh = _heads_first(q, kvh), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     outs = []
     for i in range(num_blocks):
         qs, end = slice(i * bq, (i + 1) * bq), (i + 1) * bq
         m = AttentionMask(mask.q_segment_ids[:, qs], mask.kv_segment_ids[:, :end], mask.q_positions[:, qs],
                           mask.kv_positions[:, :end], None, causal=True)
         blk_bias = bias if bias is None or callable(bias) else bias[:, :, qs, :end]
-        outs.append(reference_attention(q[:, qs], k[:, :end], v[:, :end], m, bias=blk_bias, scale=scale))
-    return jnp.concatenate(outs, axis=1)
+        outs.append(_reference_heads_first(qh[:, :, :, qs], kh[:, :, :end], vh[:, :, :end], m, bias=blk_bias,
+                                           scale=scale))
+    return _tokens_first(jnp.concatenate(outs, axis=3)).astype(q.dtype)
 
 
 def dot_product_attention(q, k, v, mask: AttentionMask, *, bias=None, scale: float) -> jax.Array:
@@ -403,7 +480,11 @@ class Attention(nnx.Module):
         cache: KVCache | None = None,
         deterministic: bool = True,
     ) -> tuple[jax.Array, KVCache | None]:
+        # Three matmuls rather than one on stacked kernels: stacking them (and splitting the gradient) costs
+        # XLA:CPU more copies than the bigger matmul saves (measured: the bench step ~7% slower).
         q = self.q(x)  # [B, T, N, H]
+        if not self.cross:
+            k, v = self.k(x), self.v(x)
         if self.rope:
             q = apply_rope(q, positions, self.cfg.rope_theta)
         if self.cross:
@@ -415,7 +496,8 @@ class Attention(nnx.Module):
                 kv_seg, kv_pos = context_segment_ids, context_positions
             mask = AttentionMask(segment_ids, kv_seg, positions, kv_pos, None, causal=False)
         else:
-            k, v = self.kv(x, positions)
+            if self.rope:
+                k = apply_rope(k, positions, self.cfg.rope_theta)
             kv_prefix = prefix
             if cache is not None:
                 pre = prefix if prefix is not None else jnp.zeros(segment_ids.shape, bool)

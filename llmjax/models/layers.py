@@ -6,6 +6,7 @@ llmjax.sharding maps those names to mesh axes, so parallelism is a config change
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -140,6 +141,38 @@ class Embed(nnx.Module):
         return shard_batch((x.reshape(-1, x.shape[-1]).astype(self.dtype) @ table.T).reshape(*lead, table.shape[0]))
 
 
+def _normalize_fwd(x, scale, bias, eps: float, center: bool):
+    if center:
+        x = x - jnp.mean(x, -1, keepdims=True)
+    r = jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + eps)
+    xhat = x * r
+    y = xhat * scale
+    return (y if bias is None else y + bias), (xhat, r, scale, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float, center: bool) -> jax.Array:
+    """LayerNorm (center=True) or RMSNorm of float32 x over the last axis, times scale (+ bias).
+
+    The backward pass is written out, dx = r * (g*s - mean(g*s) - xhat * mean(g*s*xhat)) (no mean term for
+    RMSNorm), which takes XLA two passes over x where autodiff takes five."""
+    return _normalize_fwd(x, scale, bias, eps, center)[0]
+
+
+def _normalize_bwd(eps, center, res, g):
+    xhat, r, scale, bias = res
+    gs = g * scale
+    dx = gs - xhat * jnp.mean(gs * xhat, -1, keepdims=True)
+    if center:
+        dx = dx - jnp.mean(gs, -1, keepdims=True)
+    lead = tuple(range(g.ndim - 1))
+    dbias = None if bias is None else jnp.sum(g, lead)
+    return r * dx, jnp.sum(g * xhat, lead), dbias
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
 class Norm(nnx.Module):
     """LayerNorm or RMSNorm (T5/Llama: no mean subtraction, no offset), computed in float32."""
 
@@ -152,21 +185,33 @@ class Norm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), pdt), logical_axes=("embed",)) if with_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        if self.kind == "layernorm":
-            x32 = x32 - x32.mean(-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
-        y = y * self.scale[...].astype(jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
+        bias = None if self.bias is None else self.bias[...].astype(jnp.float32)
+        y = normalize(x.astype(jnp.float32), self.scale[...].astype(jnp.float32), bias, self.eps,
+                      self.kind == "layernorm")
         return y.astype(self.dtype)
+
+
+@jax.custom_jvp
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """x * Phi(x) (exact GELU, as torch.nn.functional.gelu), through erf with its derivative written out:
+    jax.nn.gelu(approximate=False) goes through erfc, which made a GPT MLP's forward + backward on XLA:CPU
+    about 1.7x slower."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+@gelu_exact.defjvp
+def _gelu_exact_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+    pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return x * cdf, (cdf + x * pdf) * dx
 
 
 def activation_fn(name: str):
     act = ACTIVATIONS[name][0]
     return {
         "relu": jax.nn.relu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu": gelu_exact,
         "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
         "silu": jax.nn.silu,
     }[act]
