@@ -3,9 +3,16 @@ scheduled first; corpora that several end-to-end runs train on, prepared once pe
 
 import fcntl
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# One persistent compilation cache per test session, shared by both xdist workers (same parent process) and
+# the `llmjax ...` subprocesses tests start: the many tiny runs that compile the same step (resumes,
+# launches, CLI runs) compile it once. A fresh directory per session, so nothing carries over between runs.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"llmjax-tests-jax-cache-{os.getppid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
