@@ -126,8 +126,12 @@ def _scores_to_probs(qh, kh, allowed, bias, keep, scale, rate):
     s = s - s.max(-1, keepdims=True)
     e = jnp.exp(s)
     p = (e / e.sum(-1, keepdims=True)).reshape(b, kvh, g * t, -1)
-    p_used = p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
-    return p, p_used
+    return p, _dropout(p, keep, rate)
+
+
+def _dropout(x, keep, rate):
+    """Inverted dropout with a given keep mask (None = no dropout)."""
+    return x if keep is None else jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -137,9 +141,7 @@ def _softmax_attention(scale: float, rate: float, qh, kh, vh, allowed, bias, kee
 
     The backward pass is written out (the flash-attention form: dS = P * (dP - rowsum(dO * O))) rather than
     left to autodiff, which spends several more passes over the [T, S] probabilities."""
-    _, p_used = _scores_to_probs(qh, kh, allowed, bias, keep, scale, rate)
-    b, kvh, g, t, h = qh.shape
-    return _bmm(p_used.astype(vh.dtype), vh, (3, 2)).reshape(b, kvh, g, t, h)
+    return _softmax_attention_fwd(scale, rate, qh, kh, vh, allowed, bias, keep)[0]
 
 
 def _softmax_attention_fwd(scale, rate, qh, kh, vh, allowed, bias, keep):
@@ -153,11 +155,8 @@ def _softmax_attention_bwd(scale, rate, res, do):
     qh, kh, vh, p, o, keep, bias = res
     b, kvh, g, t, h = qh.shape
     do = do.reshape(b, kvh, g * t, h)
-    p_used = p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
-    dv = _bmm(p_used.astype(do.dtype), do, (2, 2), jnp.float32)  # [B, K, S, H]
-    dp = _bmm(do, vh, (3, 3), jnp.float32)  # [B, K, G*T, S]
-    if keep is not None:
-        dp = jnp.where(keep, dp / (1.0 - rate), 0.0)
+    dv = _bmm(_dropout(p, keep, rate).astype(do.dtype), do, (2, 2), jnp.float32)  # [B, K, S, H]
+    dp = _dropout(_bmm(do, vh, (3, 3), jnp.float32), keep, rate)  # [B, K, G*T, S]
     # sum_s P dP = sum_s P_used dP_used = rowsum(dO * O): with or without dropout
     delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1, keepdims=True)
     ds = p * (dp - delta)  # d(scores), [B, K, G*T, S]; zero where masked since P is
@@ -483,8 +482,6 @@ class Attention(nnx.Module):
         # Three matmuls rather than one on stacked kernels: stacking them (and splitting the gradient) costs
         # XLA:CPU more copies than the bigger matmul saves (measured: the bench step ~7% slower).
         q = self.q(x)  # [B, T, N, H]
-        if not self.cross:
-            k, v = self.k(x), self.v(x)
         if self.rope:
             q = apply_rope(q, positions, self.cfg.rope_theta)
         if self.cross:
@@ -496,8 +493,7 @@ class Attention(nnx.Module):
                 kv_seg, kv_pos = context_segment_ids, context_positions
             mask = AttentionMask(segment_ids, kv_seg, positions, kv_pos, None, causal=False)
         else:
-            if self.rope:
-                k = apply_rope(k, positions, self.cfg.rope_theta)
+            k, v = self.kv(x, positions)
             kv_prefix = prefix
             if cache is not None:
                 pre = prefix if prefix is not None else jnp.zeros(segment_ids.shape, bool)

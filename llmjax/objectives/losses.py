@@ -20,7 +20,7 @@ class LossSums(NamedTuple):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _softmax_stats(logits: jax.Array, targets: jax.Array, with_mean: bool):
-    """(logsumexp, target logit, mean logit or None, max logit) over the last axis of float32 logits.
+    """(logsumexp, target logit, mean logit or None) over the last axis of float32 logits.
 
     The backward pass is one fused elementwise pass over the logits, d/dlogits = g_lse * softmax +
     g_target * onehot + g_mean / V, where autodiff of logsumexp and the target gather takes several
@@ -29,7 +29,7 @@ def _softmax_stats(logits: jax.Array, targets: jax.Array, with_mean: bool):
     lse = mx + jnp.log(jnp.sum(jnp.exp(logits - mx[..., None]), axis=-1))
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     mean = jnp.mean(logits, axis=-1) if with_mean else None
-    return lse, target_logit, mean, mx
+    return lse, target_logit, mean
 
 
 def _softmax_stats_fwd(logits, targets, with_mean):
@@ -39,7 +39,7 @@ def _softmax_stats_fwd(logits, targets, with_mean):
 
 def _softmax_stats_bwd(with_mean, res, grads):
     logits, targets, lse = res
-    g_lse, g_target, g_mean, _ = grads  # the max is only used for accuracy (no gradient)
+    g_lse, g_target, g_mean = grads
     onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
     d = g_lse[..., None] * jnp.exp(logits - lse[..., None]) + jnp.where(onehot, g_target[..., None], 0.0)
     if with_mean:
@@ -73,7 +73,7 @@ def token_cross_entropy(
     `correct` is argmax(logits) == target."""
     logits = logits.astype(jnp.float32)  # the softmax in the compute dtype loses too much in bf16
     targets = targets.astype(jnp.int32)
-    lse, target_logit, mean_logit, _ = _softmax_stats(logits, targets, bool(label_smoothing))
+    lse, target_logit, mean_logit = _softmax_stats(logits, targets, bool(label_smoothing))
     loss = lse - target_logit  # -log p_target
     if label_smoothing:
         mean_log_p = mean_logit - lse  # (1/V) sum_v log p_v
