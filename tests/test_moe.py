@@ -525,7 +525,7 @@ def test_router_jitter_only_in_training():
 # -------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_moe_tiny_trains_and_validation_loss_falls(tmp_path, small_corpus_dir):
-    from llmjax import cli
+    from helpers.cli_process import run_cli
     from llmjax.metrics import read_metrics
 
     workdir = tmp_path / "moe_tiny"
@@ -533,7 +533,9 @@ def test_moe_tiny_trains_and_validation_loss_falls(tmp_path, small_corpus_dir):
              "--config.train.steps=40", "--config.train.log_every=10", "--config.train.eval_every=20",
              "--config.train.eval_batches=4", "--config.train.num_samples=0", "--config.train.batch_size=8",
              f"--config.data.data_dir={small_corpus_dir}"]  # the corpus prepared once per session (conftest)
-    assert cli.main(["llmjax", "train", f"--config={CONFIGS / 'moe_tiny.py'}", f"--workdir={workdir}", *small]) == 0
+    # 2 devices, both on the expert axis: the experts are split over devices
+    run_cli(["train", f"--config={CONFIGS / 'moe_tiny.py'}", f"--workdir={workdir}", *small, "--config.mesh.data=1",
+             "--config.mesh.expert=2"], devices=2)
     rows = read_metrics(workdir)
     evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
     trains = [r for r in rows if "train/loss" in r]

@@ -11,7 +11,7 @@ import random
 import shutil
 import tempfile
 
-from llmjax import cli
+from helpers.cli_process import run_cli
 
 ROOT = pathlib.Path(__file__).parent.parent.parent
 NUMBERS = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
@@ -76,7 +76,7 @@ def train_args(family: str, workdir, steps: int | None = None, *extra) -> list[s
 def tiny_run(family: str) -> pathlib.Path:
     """A training workdir of a tiny `family` model trained on the counting corpus."""
     workdir = base_dir() / f"pretrained_{family}"
-    assert cli.main(train_args(family, workdir)) == 0
+    run_cli(train_args(family, workdir)[1:], devices=2)
     return workdir
 
 

@@ -28,7 +28,7 @@ batch_sh = {k: shd.batch_sharding(mesh, 2) for k in keys}
 batch = {k: jax.ShapeDtypeStruct((B, T), dt, sharding=batch_sh[k]) for k, dt in keys.items()}
 out = {}
 for remat in ("none", "save_dots", "full"):
-    cfg = ModelConfig(family="decoder", vocab_size=1024, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024,
+    cfg = ModelConfig(family="decoder", vocab_size=1024, d_model=256, num_layers=3, num_heads=4, mlp_dim=1024,
                       max_length=T, remat=remat)
     graphdef, abstract, state_sh = train.init_state_abstract(cfg, tx, mesh, rules, seed=0)
     step = train.make_train_step(graphdef, tx, state_sh, batch_sh)
