@@ -26,47 +26,63 @@ def _rope_theta(c) -> float:
     return float(rope.get("rope_theta", getattr(c, "rope_theta", None) or 10000.0))
 
 
-def config_from_hf(c, *, tied: bool | None = None, **overrides) -> ModelConfig:
-    """LlamaConfig -> ModelConfig. `tied` (lm_head shares embed_tokens) defaults to c.tie_word_embeddings."""
-    hf.check(c.attention_bias == c.mlp_bias, WHAT, "attention_bias/mlp_bias", (c.attention_bias, c.mlp_bias),
-             "llmjax has one use_bias switch for attention and MLP projections")
+def config_fields(c, what: str, *, use_bias: bool, tied: bool | None) -> dict:
+    """The ModelConfig fields of a Llama-style HF config (Llama, Mixtral): a pre-RMSNorm rotary decoder with
+    gated MLPs. `tied` (lm_head shares embed_tokens) defaults to c.tie_word_embeddings."""
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv_heads = c.num_key_value_heads or c.num_attention_heads
-    fields = dict(
+    return dict(
         family="decoder", vocab_size=c.vocab_size, d_model=c.hidden_size, num_layers=c.num_hidden_layers,
         num_heads=c.num_attention_heads, num_kv_heads=None if kv_heads == c.num_attention_heads else kv_heads,
         head_dim=None if head_dim * c.num_attention_heads == c.hidden_size else head_dim,
-        mlp_dim=c.intermediate_size, activation=hf.activation_from_hf(WHAT, "hidden_act", c.hidden_act, gated=True),
-        norm="rmsnorm", norm_eps=c.rms_norm_eps, norm_position="pre", use_bias=c.attention_bias, norm_bias=False,
+        mlp_dim=c.intermediate_size, activation=hf.activation_from_hf(what, "hidden_act", c.hidden_act, gated=True),
+        norm="rmsnorm", norm_eps=c.rms_norm_eps, norm_position="pre", use_bias=use_bias, norm_bias=False,
         position="rope", rope_theta=_rope_theta(c), max_length=c.max_position_embeddings,
         tie_embeddings=c.tie_word_embeddings if tied is None else tied,
         dropout_rate=0.0, attention_dropout_rate=float(c.attention_dropout), init_std=c.initializer_range,
     )
+
+
+def config_from_hf(c, *, tied: bool | None = None, **overrides) -> ModelConfig:
+    """LlamaConfig -> ModelConfig. `tied` (lm_head shares embed_tokens) defaults to c.tie_word_embeddings."""
+    hf.check(c.attention_bias == c.mlp_bias, WHAT, "attention_bias/mlp_bias", (c.attention_bias, c.mlp_bias),
+             "llmjax has one use_bias switch for attention and MLP projections")
+    fields = config_fields(c, WHAT, use_bias=c.attention_bias, tied=tied)
     return hf.build_config(WHAT, **{**fields, **overrides})
+
+
+def check_exportable(cfg: ModelConfig, what: str, extra: tuple = ()) -> None:
+    """Raise InteropError unless `cfg` is a Llama-style decoder (plus the `extra` (ok, field, why) checks)."""
+    for ok, field, why in [
+        (cfg.family == "decoder", "family", f"{what} is a decoder"),
+        (cfg.position == "rope", "position", f"{what} uses rotary positions"),
+        (cfg.norm == "rmsnorm", "norm", f"{what} uses RMSNorm"),
+        (cfg.norm_position == "pre", "norm_position", f"{what} is pre-norm"),
+        (cfg.gated, "activation", f"{what}'s MLPs are gated (swiglu, geglu, ...)"),
+        (cfg.scale_attention, "scale_attention", f"{what} scales q.k by 1/sqrt(head_dim)"),
+        *extra,
+    ]:
+        hf.check(ok, f"{what} export", field, getattr(cfg, field), why)
+
+
+def hf_fields(cfg: ModelConfig) -> dict:
+    """The HF config fields of a Llama-style decoder (Llama, Mixtral)."""
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_size, hidden_act=hf.TO_HF_ACTIVATION[hf.UNGATED[cfg.activation]],
+        max_position_embeddings=cfg.max_length, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        attention_dropout=cfg.attention_dropout_rate, initializer_range=cfg.init_std,
+    )
 
 
 def hf_config_from(cfg: ModelConfig, **kwargs):
     """ModelConfig -> LlamaConfig; raises InteropError for anything Llama cannot express."""
     from transformers import LlamaConfig
 
-    for ok, field, why in [
-        (cfg.family == "decoder", "family", "Llama is a decoder"),
-        (cfg.position == "rope", "position", "Llama uses rotary positions"),
-        (cfg.norm == "rmsnorm", "norm", "Llama uses RMSNorm"),
-        (cfg.norm_position == "pre", "norm_position", "Llama is pre-norm"),
-        (cfg.gated, "activation", "Llama has a gated MLP (swiglu, geglu, ...)"),
-        (cfg.scale_attention, "scale_attention", "Llama scales q.k by 1/sqrt(head_dim)"),
-    ]:
-        hf.check(ok, f"{WHAT} export", field, getattr(cfg, field), why)
-    fields = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_size, hidden_act=hf.TO_HF_ACTIVATION[hf.UNGATED[cfg.activation]],
-        max_position_embeddings=cfg.max_length, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias, attention_dropout=cfg.attention_dropout_rate,
-        initializer_range=cfg.init_std,
-    )
+    check_exportable(cfg, WHAT)
+    fields = dict(hf_fields(cfg), attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias)
     return LlamaConfig(**{**fields, **kwargs})
 
 

@@ -19,17 +19,8 @@ def config_from_hf(c, *, tied: bool | None = None, **overrides) -> ModelConfig:
     """MixtralConfig -> ModelConfig. `tied` (lm_head shares embed_tokens) defaults to c.tie_word_embeddings."""
     hf.check(getattr(c, "sliding_window", None) is None, WHAT, "sliding_window", c.sliding_window,
              "llmjax attention has no sliding window; use sliding_window=None (Mixtral 8x7B has none)")
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = c.num_key_value_heads or c.num_attention_heads
     fields = dict(
-        family="decoder", vocab_size=c.vocab_size, d_model=c.hidden_size, num_layers=c.num_hidden_layers,
-        num_heads=c.num_attention_heads, num_kv_heads=None if kv_heads == c.num_attention_heads else kv_heads,
-        head_dim=None if head_dim * c.num_attention_heads == c.hidden_size else head_dim,
-        mlp_dim=c.intermediate_size, activation=hf.activation_from_hf(WHAT, "hidden_act", c.hidden_act, gated=True),
-        norm="rmsnorm", norm_eps=c.rms_norm_eps, norm_position="pre", use_bias=False, norm_bias=False,
-        position="rope", rope_theta=llama._rope_theta(c), max_length=c.max_position_embeddings,
-        tie_embeddings=c.tie_word_embeddings if tied is None else tied,
-        dropout_rate=0.0, attention_dropout_rate=float(c.attention_dropout), init_std=c.initializer_range,
+        llama.config_fields(c, WHAT, use_bias=False, tied=tied),
         num_experts=c.num_local_experts, experts_per_token=c.num_experts_per_tok, moe_every=1,
         moe_capacity_factor=0.0, moe_renormalize=True, moe_shared_expert=False,
         moe_aux_loss_weight=float(c.router_aux_loss_coef), moe_router_jitter=float(c.router_jitter_noise or 0.0),
@@ -41,30 +32,18 @@ def hf_config_from(cfg: ModelConfig, **kwargs):
     """ModelConfig -> MixtralConfig; raises InteropError for anything Mixtral cannot express."""
     from transformers import MixtralConfig
 
-    for ok, field, why in [
-        (cfg.family == "decoder", "family", "Mixtral is a decoder"),
-        (cfg.position == "rope", "position", "Mixtral uses rotary positions"),
-        (cfg.norm == "rmsnorm", "norm", "Mixtral uses RMSNorm"),
-        (cfg.norm_position == "pre", "norm_position", "Mixtral is pre-norm"),
-        (cfg.gated, "activation", "Mixtral experts are gated (swiglu, ...)"),
-        (cfg.scale_attention, "scale_attention", "Mixtral scales q.k by 1/sqrt(head_dim)"),
+    llama.check_exportable(cfg, WHAT, (
         (not cfg.use_bias, "use_bias", "Mixtral projections have no biases"),
         (cfg.num_experts > 0 and cfg.moe_every == 1, "moe_every", "every Mixtral layer is a mixture of experts"),
         (cfg.moe_renormalize, "moe_renormalize", "Mixtral renormalises the top-k gate weights"),
         (not cfg.moe_shared_expert, "moe_shared_expert", "Mixtral has no shared expert"),
         (cfg.expert_mlp_dim == cfg.mlp_dim, "moe_mlp_dim", "Mixtral's experts have intermediate_size"),
         (not cfg.moe_capacity_factor, "moe_capacity_factor", "Mixtral drops no token (dropless routing)"),
-    ]:
-        hf.check(ok, f"{WHAT} export", field, getattr(cfg, field), why)
+    ))
     fields = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.mlp_dim,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_size, hidden_act=hf.TO_HF_ACTIVATION[hf.UNGATED[cfg.activation]],
-        max_position_embeddings=cfg.max_length, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, sliding_window=None,
-        attention_dropout=cfg.attention_dropout_rate, initializer_range=cfg.init_std,
-        num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.experts_per_token,
-        router_aux_loss_coef=cfg.moe_aux_loss_weight, router_jitter_noise=cfg.moe_router_jitter,
+        llama.hf_fields(cfg), sliding_window=None, num_local_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.experts_per_token, router_aux_loss_coef=cfg.moe_aux_loss_weight,
+        router_jitter_noise=cfg.moe_router_jitter,
     )
     return MixtralConfig(**{**fields, **kwargs})
 
