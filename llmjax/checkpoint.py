@@ -436,16 +436,16 @@ def load_exported(directory):
     """(model, config dict) from an export directory: the model built from config.json with the parameters."""
     from flax import nnx
 
+    from llmjax.finetune import build_with_params, unnest
     from llmjax.models.config import ModelConfig
     from llmjax.models.transformer import build_model
 
     directory = Path(directory).absolute()
     cfg = json.loads((directory / EXPORT_CONFIG).read_text())
-    model = build_model(ModelConfig.from_dict(cfg["model"]), 0)
-    params = nnx.state(model, nnx.Param)
+    model_cfg = ModelConfig.from_dict(cfg["model"])
+    # Shapes only: nothing is initialised that the restore overwrites.
+    params = nnx.state(nnx.eval_shape(lambda: build_model(model_cfg, 0)), nnx.Param)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params.to_pure_dict())
     with ocp.StandardCheckpointer() as r:
         loaded = r.restore(directory / EXPORT_PARAMS, abstract)
-    nnx.replace_by_pure_dict(params, loaded)
-    nnx.update(model, params)
-    return model, cfg
+    return build_with_params(model_cfg, unnest(loaded)), cfg
