@@ -1,6 +1,7 @@
 """The attention core: the three kernels agree on every mask kind, values and gradients; masks mean what they say."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -173,3 +174,99 @@ def test_reference_kernel_gradients_with_dropout_match_finite_differences():
                                   dropout_rng=jax.random.key(10))
     assert not np.allclose(f(q, k, v, bias), attend(q, k, v, mask, kernel="reference", bias=bias, scale=0.5))
     check_grads(f, (q, k, v, bias), order=1, modes=("rev",), eps=1e-2, atol=2e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------------------------- the C++ CPU kernel
+def _packed_rows(b, t, rng):
+    """Segment ids / positions [b, t]: row 0 one document, row 1 three packed documents and padding, row 2
+    all padding, the others random packings."""
+    seg, pos = np.ones((b, t), np.int32), np.tile(np.arange(t, dtype=np.int32), (b, 1))
+    for r in range(1, b):
+        cuts = [0, *sorted(rng.choice(np.arange(1, t - 8), 2, replace=False)), t - 7 * (r % 2)]
+        for i in range(3):
+            seg[r, cuts[i]:cuts[i + 1]] = i + 1
+            pos[r, cuts[i]:cuts[i + 1]] = np.arange(cuts[i + 1] - cuts[i])
+        seg[r, cuts[3]:] = 0
+    if b > 2:
+        seg[2] = 0
+    return jnp.asarray(seg), jnp.asarray(pos)
+
+
+@pytest.mark.parametrize("mesh_sizes,b,t", [(dict(data=1), 2, 512), (dict(data=4, tensor=2), 8, 128)],
+                         ids=["1-device", "8-devices"])
+def test_cpu_kernel_matches_reference_values_and_gradients(mesh_sizes, b, t):
+    """The C++ kernel (attention_kernel 'cpu_flash', what 'auto' picks on the CPU) against the reference: causal
+    packed rows with padding, grouped-query heads, on one device and per shard on a data x tensor mesh."""
+    from llmjax import sharding as shd
+    from llmjax.kernels import cpu_attention
+
+    assert cpu_attention.available()  # this machine has AVX-512 and g++: the kernel must build and load
+    rng = np.random.default_rng(0)
+    n, kvh = 4, 2
+    q, k, v = (jax.random.normal(key, (b, t, heads, 64)) for key, heads in
+               zip(jax.random.split(jax.random.key(0), 3), (n, kvh, kvh)))
+    seg, pos = _packed_rows(b, t, rng)
+    cot = jax.random.normal(jax.random.key(1), q.shape)
+
+    def loss(kernel, q, k, v):
+        mask = AttentionMask(seg, seg, pos, pos, None, causal=True)
+        return jnp.sum(attend(q, k, v, mask, kernel=kernel, scale=0.125) * cot)
+
+    devices = jax.devices()[:math.prod(mesh_sizes.values())]
+    with jax.set_mesh(shd.make_mesh(shd.mesh_config(**mesh_sizes), devices)):
+        fast = jax.jit(jax.value_and_grad(functools.partial(loss, "cpu_flash"), argnums=(0, 1, 2)))
+        assert "llmjax_attention_fwd" in fast.lower(q, k, v).as_text()  # the kernel ran, not a fallback
+        got = fast(q, k, v)
+        out = attend(q, k, v, AttentionMask(seg, seg, pos, pos, None, causal=True), kernel="cpu_flash", scale=0.125)
+    ref = jax.jit(jax.value_and_grad(functools.partial(loss, "reference"), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=1e-5)
+    for name, g, r in zip("qkv", got[1], ref[1]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5, rtol=1e-4, err_msg=f"d{name}")
+    if b > 2:
+        assert np.all(np.asarray(out)[2] == 0.0)  # an all-padding row outputs zeros
+    assert np.all(np.asarray(out)[1][np.asarray(seg)[1] == 0] == 0.0)  # as do padding tokens
+
+
+def test_cpu_kernel_covers_only_what_it_computes_exactly():
+    """Attentions the kernel does not compute fall back to the reference (same result, no custom call)."""
+    from llmjax import sharding as shd
+
+    rng = np.random.default_rng(1)
+    b, t = 2, 128
+    q, k, v = (jax.random.normal(key, (b, t, 4, 64)) for key in jax.random.split(jax.random.key(2), 3))
+    seg, pos = _packed_rows(b, t, rng)
+    causal = AttentionMask(seg, seg, pos, pos, None, causal=True)
+    cases = {
+        "bidirectional": (q, k, v, AttentionMask(seg, seg, pos, pos, None, causal=False), None),
+        "prefix LM": (q, k, v, AttentionMask(seg, seg, pos, pos, pos < 5, causal=True), None),
+        "bias": (q, k, v, causal, jnp.zeros((1, 4, t, t))),
+        "head dim 32": (q[..., :32], k[..., :32], v[..., :32], causal, None),
+        "bfloat16": (q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), causal, None),
+        "T not a multiple of 64": (q[:, :100], k[:, :100], v[:, :100],
+                                   AttentionMask(seg[:, :100], seg[:, :100], pos[:, :100], pos[:, :100], None,
+                                                 causal=True), None),
+    }
+    with jax.set_mesh(shd.make_mesh(shd.mesh_config(data=1), jax.devices()[:1])):
+        for name, (q1, k1, v1, mask, bias) in cases.items():
+            fn = jax.jit(lambda q1, k1, v1: attend(q1, k1, v1, mask, kernel="cpu_flash", bias=bias, scale=0.125))
+            assert "llmjax_attention" not in fn.lower(q1, k1, v1).as_text(), name
+            ref = attend(q1, k1, v1, mask, kernel="reference", bias=bias, scale=0.125)
+            np.testing.assert_allclose(np.asarray(fn(q1, k1, v1), np.float32), np.asarray(ref, np.float32),
+                                       atol=1e-6, err_msg=name)
+
+
+def test_cpu_kernel_without_a_compiler_falls_back_with_a_warning(tmp_path):
+    """No usable C++ compiler: `available()` is False and says why; nothing is left in the kernel cache."""
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig()\n"
+            "from llmjax.kernels import cpu_attention as c\n"
+            "print('available', c.available())\n")
+    env = dict(__import__("os").environ, CXX=str(tmp_path / "no-such-compiler"), LLMJAX_KERNEL_CACHE=str(tmp_path / "cache"),
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "available False" in out.stdout
+    assert "CPU attention kernel unavailable" in out.stderr and "no-such-compiler" in out.stderr
+    assert not any((tmp_path / "cache").glob("*.so"))

@@ -71,7 +71,7 @@ def test_missing_libtpu_says_how_to_get_it(tmp_path):
 def test_auto_kernel_by_platform():
     assert resolve_kernel("auto", "tpu") == "splash"
     assert resolve_kernel("auto", "gpu") == "dot_product"
-    assert resolve_kernel("auto", "cpu") == "reference"
+    assert resolve_kernel("auto", "cpu") == "cpu_flash"
     assert resolve_kernel("blockwise", "tpu") == "blockwise"
 
 

@@ -4,8 +4,9 @@ What a query may see is described per token (segment ids, positions, a prefix fl
 the [T, S] mask is built only where a kernel needs it. The kernels give the same outputs:
 'reference' (batched matmuls; causal self-attention skips the keys each query block cannot see),
 'dot_product' (jax.nn.dot_product_attention: cuDNN flash attention on GPUs), 'blockwise' (online softmax
-over key blocks, never materialising the [T, S] scores) and 'splash' (the Pallas TPU kernel); 'auto'
-picks one by platform (`resolve_kernel`).
+over key blocks, never materialising the [T, S] scores), 'splash' (the Pallas TPU kernel) and 'cpu_flash'
+(a C++ kernel for causal self-attention on the CPU, llmjax.kernels.cpu_attention); 'auto' picks one by
+platform (`resolve_kernel`).
 Shape letters: B batch, T query length, S key length, N query heads, K kv heads, G = N // K, H head dim.
 """
 
@@ -351,7 +352,6 @@ def splash_attention(q, k, v, mask: AttentionMask, *, scale: float, interpret: b
     Mosaic kernels are not partitioned automatically: under a mesh context (jax.set_mesh) the kernel runs
     per shard in a shard_map over the batch axes and, when they divide the heads, the tensor axis."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
-    from jax.sharding import PartitionSpec as P
 
     def local(q, k, v, q_seg, kv_seg):
         b, t, n, h = q.shape
@@ -369,27 +369,35 @@ def splash_attention(q, k, v, mask: AttentionMask, *, scale: float, interpret: b
         out = out.transpose(0, 2, 1, 3)  # [B, T, N, H]
         return jnp.where((q_seg != 0)[:, :, None, None], out, 0.0).astype(q.dtype)  # padding rows output zeros
 
-    args = (q, k, v, mask.q_segment_ids.astype(jnp.int32), mask.kv_segment_ids.astype(jnp.int32))
+    return per_shard(local, q, k, v, mask.q_segment_ids.astype(jnp.int32), mask.kv_segment_ids.astype(jnp.int32))
+
+
+def per_shard(local, q, k, v, *rows):
+    """`local(q, k, v, *rows)` for kernels XLA cannot partition (Mosaic, FFI custom calls): under a mesh context
+    (jax.set_mesh) in a shard_map over the batch axes and, when it divides the heads, the tensor axis; q/k/v
+    [B, T, N|K, H], each of `rows` [B, T]."""
+    from jax.sharding import PartitionSpec as P
+
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return local(*args)
+        return local(q, k, v, *rows)
     batch_axes = tuple(a for a in ("data", "fsdp", "expert") if a in mesh.shape and mesh.shape[a] > 1)
     b_spec = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
     t_size = mesh.shape.get("tensor", 1)
     h_spec = "tensor" if t_size > 1 and q.shape[2] % t_size == 0 and k.shape[2] % t_size == 0 else None
-    qkv_spec, seg_spec = P(b_spec, None, h_spec, None), P(b_spec, None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, seg_spec, seg_spec),
-                         out_specs=qkv_spec, check_vma=False)(*args)
+    qkv_spec, row_spec = P(b_spec, None, h_spec, None), P(b_spec, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (row_spec,) * len(rows), out_specs=qkv_spec,
+                         check_vma=False)(q, k, v, *rows)
 
 
 def resolve_kernel(kernel: str, platform: str | None = None) -> str:
-    """'auto' -> the kernel for the platform: splash on TPU, dot_product (cuDNN) on GPU, reference on CPU
-    (where XLA runs the plain einsum fastest at training lengths). Other names are returned unchanged."""
+    """'auto' -> the kernel for the platform: splash on TPU, dot_product (cuDNN) on GPU, cpu_flash (the C++
+    kernel, llmjax.kernels.cpu_attention) on the CPU. Other names are returned unchanged."""
     if kernel != "auto":
         return kernel
     platform = platform or jax.default_backend()
-    return {"tpu": "splash", "gpu": "dot_product", "cuda": "dot_product", "rocm": "dot_product"}.get(platform,
-                                                                                                       "reference")
+    return {"tpu": "splash", "gpu": "dot_product", "cuda": "dot_product", "rocm": "dot_product",
+            "cpu": "cpu_flash"}.get(platform, "reference")
 
 
 def attend(q, k, v, mask: AttentionMask, *, kernel: str, bias=None, scale: float, block_size: int = 512,
@@ -398,16 +406,27 @@ def attend(q, k, v, mask: AttentionMask, *, kernel: str, bias=None, scale: float
 
     `bias` is None, an array [B|1, N, T, S], or a function of (q positions, kv positions) returning one.
     Dropout on the attention probabilities is applied when `dropout_rng` is given (training).
-    'auto' picks by platform (`resolve_kernel`); 'splash' and 'dot_product' fall back to 'reference' for
-    the attentions they do not cover (splash: see `splash_supported`; dot_product: dropout).
+    'auto' picks by platform (`resolve_kernel`); 'splash', 'cpu_flash' and 'dot_product' fall back to
+    'reference' for the attentions they do not cover (splash: see `splash_supported`; cpu_flash:
+    `cpu_attention.supported`; dot_product: dropout).
     """
     kernel = resolve_kernel(kernel)
     dropout = dropout_rate > 0.0 and dropout_rng is not None
+    # Several devices without a mesh context (jax.set_mesh): custom kernels cannot be partitioned.
+    partitionable = not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1
     if kernel == "splash":
-        # Several devices without a mesh context (jax.set_mesh): Mosaic kernels cannot be auto-partitioned.
-        partitionable = not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1
         if partitionable and splash_supported(q, k, mask, bias=bias, dropout=dropout):
             return splash_attention(q, k, v, mask, scale=scale)
+        kernel = "reference"
+    if kernel == "cpu_flash":
+        from llmjax.kernels import cpu_attention
+
+        same_keys = mask.q_segment_ids is mask.kv_segment_ids and mask.q_positions is mask.kv_positions
+        if (partitionable and cpu_attention.supported(q, k, v, causal=mask.causal, prefix=mask.kv_prefix,
+                                                      same_keys=same_keys, bias=bias, dropout=dropout)
+                and cpu_attention.available()):
+            local = lambda q, k, v, seg, pos: cpu_attention.attention(q, k, v, seg, pos, scale=scale)
+            return per_shard(local, q, k, v, mask.q_segment_ids, mask.q_positions)
         kernel = "reference"
     if kernel == "dot_product" and dropout:
         kernel = "reference"
@@ -424,7 +443,7 @@ def attend(q, k, v, mask: AttentionMask, *, kernel: str, bias=None, scale: float
         return blockwise_attention(q, k, v, mask, bias=bias, scale=scale, block_size=block_size,
                                    dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     raise ValueError(f"model.attention_kernel: unknown kernel {kernel!r}; choose auto, reference, dot_product, "
-                     "blockwise or splash")
+                     "blockwise, splash or cpu_flash")
 
 
 # ------------------------------------------------------------------------------------------------ module

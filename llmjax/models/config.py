@@ -26,9 +26,10 @@ ACTIVATIONS = {
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "rope", "relative", "none")
-# 'auto': by platform at trace time (splash on TPU, dot_product/cuDNN on GPU, reference on CPU); 'splash':
-# the Pallas TPU kernel, falling back to 'reference' for attentions it does not cover (bias, prefix LM, cache).
-KERNELS = ("auto", "reference", "dot_product", "blockwise", "splash")
+# 'auto': by platform at trace time (splash on TPU, dot_product/cuDNN on GPU, cpu_flash on CPU); 'splash': the
+# Pallas TPU kernel, 'cpu_flash' the C++ CPU kernel (llmjax.kernels.cpu_attention), each falling back to
+# 'reference' for the attentions it does not cover (bias, prefix LM, cache; cpu_flash: also non-causal).
+KERNELS = ("auto", "reference", "dot_product", "blockwise", "splash", "cpu_flash")
 # Rematerialisation of each block in the backward pass: keep nothing, or keep only matmul outputs.
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
