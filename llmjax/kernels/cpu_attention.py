@@ -58,8 +58,11 @@ def build() -> Path:
     if not compiler:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
     model, flags = _cpu_flags()
+    import jaxlib
+
     key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in (
-        SOURCE.read_bytes(), " ".join(FLAGS), compiler, model, flags, jax.ffi.include_dir()))).hexdigest()[:16]
+        SOURCE.read_bytes(), " ".join(FLAGS), compiler, model, flags, jax.ffi.include_dir(),
+        jaxlib.__version__))).hexdigest()[:16]
     out = _cache_dir() / f"cpu_attention_{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -78,18 +81,15 @@ def available() -> bool:
     """Whether the kernel is built and registered with XLA for the CPU (logs why not, once)."""
     if os.environ.get("LLMJAX_CPU_KERNELS", "1") == "0":
         return False
-    why = None
     if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in _cpu_flags()[1].split():
-        why = "this CPU has no AVX-512"
-    else:
-        try:
-            lib = ctypes.cdll.LoadLibrary(str(build()))
-            jax.ffi.register_ffi_target("llmjax_attention_fwd", jax.ffi.pycapsule(lib.AttnFwd), platform="cpu")
-            jax.ffi.register_ffi_target("llmjax_attention_bwd", jax.ffi.pycapsule(lib.AttnBwd), platform="cpu")
-        except (OSError, RuntimeError) as e:
-            why = str(e)
-    if why:
-        log.warning("llmjax CPU attention kernel unavailable (%s); using XLA's attention", why)
+        log.info("llmjax CPU attention kernel: this CPU has no AVX-512; using XLA's attention")
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(build()))
+        jax.ffi.register_ffi_target("llmjax_attention_fwd", jax.ffi.pycapsule(lib.AttnFwd), platform="cpu")
+        jax.ffi.register_ffi_target("llmjax_attention_bwd", jax.ffi.pycapsule(lib.AttnBwd), platform="cpu")
+    except (OSError, RuntimeError) as e:
+        log.warning("llmjax CPU attention kernel unavailable (%s); using XLA's attention", e)
         return False
     return True
 
