@@ -391,11 +391,15 @@ def per_shard(local, q, k, v, *rows):
 
 
 def resolve_kernel(kernel: str, platform: str | None = None) -> str:
-    """'auto' -> the kernel for the platform: splash on TPU, dot_product (cuDNN) on GPU, cpu_flash (the C++
-    kernel, llmjax.kernels.cpu_attention) on the CPU. Other names are returned unchanged."""
+    """'auto' -> the kernel for the platform (given, else the platform of the mesh context's devices, else
+    the default backend): splash on TPU, dot_product (cuDNN) on GPU, cpu_flash (the C++ kernel,
+    llmjax.kernels.cpu_attention) on the CPU. Other names are returned unchanged."""
     if kernel != "auto":
         return kernel
-    platform = platform or jax.default_backend()
+    if platform is None:  # the mesh's devices (e.g. a TPU topology compiled for on a CPU host), else the backend
+        mesh = jax.sharding.get_abstract_mesh()
+        platform = (None if mesh.empty else getattr(getattr(mesh, "abstract_device", None), "platform", None)
+                    ) or jax.default_backend()
     return {"tpu": "splash", "gpu": "dot_product", "cuda": "dot_product", "rocm": "dot_product",
             "cpu": "cpu_flash"}.get(platform, "reference")
 

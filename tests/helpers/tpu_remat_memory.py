@@ -29,7 +29,7 @@ batch = {k: jax.ShapeDtypeStruct((B, T), dt, sharding=batch_sh[k]) for k, dt in 
 out = {}
 for remat in ("none", "save_dots", "full"):
     cfg = ModelConfig(family="decoder", vocab_size=1024, d_model=256, num_layers=3, num_heads=4, mlp_dim=1024,
-                      max_length=T, remat=remat)
+                      max_length=T, remat=remat, attention_kernel="reference")  # saves its [T, T] probabilities
     graphdef, abstract, state_sh = train.init_state_abstract(cfg, tx, mesh, rules, seed=0)
     step = train.make_train_step(graphdef, tx, state_sh, batch_sh)
     mem = step.lower(abstract, batch).compile().memory_analysis()
