@@ -390,16 +390,21 @@ def per_shard(local, q, k, v, *rows):
                          check_vma=False)(q, k, v, *rows)
 
 
+def _platform() -> str:
+    """The platform being compiled for: the mesh context's devices (e.g. a TPU topology compiled for on a CPU
+    host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
 def resolve_kernel(kernel: str, platform: str | None = None) -> str:
     """'auto' -> the kernel for the platform (given, else the platform of the mesh context's devices, else
     the default backend): splash on TPU, dot_product (cuDNN) on GPU, cpu_flash (the C++ kernel,
     llmjax.kernels.cpu_attention) on the CPU. Other names are returned unchanged."""
     if kernel != "auto":
         return kernel
-    if platform is None:  # the mesh's devices (e.g. a TPU topology compiled for on a CPU host), else the backend
-        mesh = jax.sharding.get_abstract_mesh()
-        platform = (None if mesh.empty else getattr(getattr(mesh, "abstract_device", None), "platform", None)
-                    ) or jax.default_backend()
+    platform = platform or _platform()
     return {"tpu": "splash", "gpu": "dot_product", "cuda": "dot_product", "rocm": "dot_product",
             "cpu": "cpu_flash"}.get(platform, "reference")
 
@@ -426,9 +431,9 @@ def attend(q, k, v, mask: AttentionMask, *, kernel: str, bias=None, scale: float
         from llmjax.kernels import cpu_attention
 
         same_keys = mask.q_segment_ids is mask.kv_segment_ids and mask.q_positions is mask.kv_positions
-        if (partitionable and cpu_attention.supported(q, k, v, causal=mask.causal, prefix=mask.kv_prefix,
-                                                      same_keys=same_keys, bias=bias, dropout=dropout)
-                and cpu_attention.available()):
+        covered = cpu_attention.supported(q, k, v, causal=mask.causal, prefix=mask.kv_prefix, same_keys=same_keys,
+                                          bias=bias, dropout=dropout)
+        if partitionable and covered and _platform() == "cpu" and cpu_attention.available():
             local = lambda q, k, v, seg, pos: cpu_attention.attention(q, k, v, seg, pos, scale=scale)
             return per_shard(local, q, k, v, mask.q_segment_ids, mask.q_positions)
         kernel = "reference"
