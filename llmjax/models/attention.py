@@ -118,7 +118,7 @@ def _bmm(a, b, contract: tuple[int, int], out_dtype=None):
 
 
 def _scores_to_probs(qh, kh, allowed, bias, keep, scale, rate):
-    """Probabilities [B, K, G*T, S] (float32; dropout applied when `keep` is given) and the undropped ones."""
+    """(probabilities [B, K, G*T, S] in float32, the same after dropout with the `keep` mask (None: unchanged))."""
     b, kvh, g, t, h = qh.shape
     s = _bmm(qh.reshape(b, kvh, g * t, h), kh, (3, 3), jnp.float32).reshape(b, kvh, g, t, -1) * scale
     if bias is not None:
