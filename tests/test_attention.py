@@ -256,17 +256,22 @@ def test_cpu_kernel_covers_only_what_it_computes_exactly():
 
 
 def test_cpu_kernel_without_a_compiler_falls_back_with_a_warning(tmp_path):
-    """No usable C++ compiler: `available()` is False and says why; nothing is left in the kernel cache."""
+    """No usable C++ compiler: `available()` is False for both CPU kernels (attention, matmul) and says why;
+    nothing is left in the kernel cache; the model still runs (on XLA's attention and dot)."""
     import subprocess
     import sys
 
     code = ("import logging; logging.basicConfig()\n"
-            "from llmjax.kernels import cpu_attention as c\n"
-            "print('available', c.available())\n")
+            "import jax.numpy as jnp\n"
+            "from llmjax.kernels import cpu_attention as c, cpu_matmul as m\n"
+            "from llmjax.models.layers import matmul\n"
+            "print('available', c.available(), m.available())\n"
+            "print('matmul', float(matmul(jnp.ones((4, 3)), jnp.ones((3, 2))).sum()))\n")
     env = dict(__import__("os").environ, CXX=str(tmp_path / "no-such-compiler"), LLMJAX_KERNEL_CACHE=str(tmp_path / "cache"),
                JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "available False" in out.stdout
+    assert "available False False" in out.stdout and "matmul 24.0" in out.stdout
     assert "CPU attention kernel unavailable" in out.stderr and "no-such-compiler" in out.stderr
+    assert "CPU matmul kernel unavailable" in out.stderr
     assert not any((tmp_path / "cache").glob("*.so"))

@@ -1,7 +1,7 @@
 // Causal + packed (segment ids / positions) attention for XLA:CPU via XLA FFI.
 // Layout: q, k, v, o [B, T, N, H] float32, H == 64, any T with T % 64 == 0. seg/pos [B, T] int32.
 // Forward: O and lse [B, N, T]. Backward: dQ, dK, dV from (q, k, v, seg, pos, o, lse, dO).
-// Work is split over (batch, head) items, run by the caller and tasks on XLA's intra-op thread pool
+// Work is split over (batch, head) items, run by parallel.h's parallel_for on XLA's intra-op thread pool
 // (one worker per core). Per item: Q/K/V(/dO) are copied into contiguous
 // scratch (K^T, Q^T, dO^T as 64x64-blocked transposes) and all matmuls are 64x64 tiles done by a
 // register-blocked AVX-512 microkernel (6 rows x 64 columns of accumulators, broadcast-A x row-of-B FMA).
@@ -14,18 +14,18 @@
 // Built on first use by llmjax/kernels/cpu_attention.py (c++ -O3 -march=native -shared -fPIC ...).
 #include <immintrin.h>
 
-#include <atomic>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
 #include <string>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using llmjax::parallel_for;
 
 namespace {
 constexpr int H = 64;   // head dim
@@ -166,41 +166,7 @@ struct alignas(64) Scratch {
 };
 static thread_local Scratch tl_scratch;
 
-// ---------------------------------------------------------------- parallel-for
-struct Job {
-  std::atomic<int> next{0};
-  std::atomic<int> done{0};
-  int total = 0;
-  void* fn = nullptr;
-  void (*call)(void*, int) = nullptr;
-};
-
-static int work(Job* job) {  // returns how many items this worker ran
-  int count = 0;
-  for (;;) {
-    int i = job->next.fetch_add(1, std::memory_order_relaxed);
-    if (i >= job->total) return count;
-    job->call(job->fn, i);
-    ++count;
-    job->done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-// Runs f(0..total-1) on the calling thread plus (pool threads - 1) tasks of XLA's intra-op thread pool,
-// one worker per core (the pool has a thread per core); items are handed out by an atomic counter.
-template <typename F>
-static void parallel_for(ffi::ThreadPool& pool, int total, F&& f) {
-  auto job = std::make_shared<Job>();
-  job->total = total;
-  job->fn = &f;
-  job->call = [](void* fn, int i) { (*static_cast<F*>(fn))(i); };
-  const int workers = std::max(1, std::min(static_cast<int>(pool.num_threads()), total));
-  for (int t = 1; t < workers; ++t) pool.Schedule([job] { work(job.get()); });
-  work(job.get());
-  // A late pool task only touches job->next (kept alive by the shared_ptr) and never calls f.
-  while (job->done.load(std::memory_order_acquire) < total) _mm_pause();
-}
-
+// ---------------------------------------------------------------- segment ranges
 static inline void seg_ranges(const int32_t* seg, int T, SegRange* out) {
   for (int blk = 0; blk < T / BL; ++blk) {
     int lo = INT32_MAX, hi = INT32_MIN;
@@ -214,10 +180,11 @@ static inline bool live(const SegRange& a, const SegRange& b) {
 }
 
 // ---------------------------------------------------------------- forward
-static void fwd_bh(const float* q, const float* k, const float* v, const int32_t* seg, const int32_t* pos,
+static void fwd_bh(const float* q, const float* k, const float* v, long ld, const int32_t* seg, const int32_t* pos,
                    float* o, float* lse, int b, int n, int T, int N, float scale) {
   const long NH = long(N) * H;
-  const long base = long(b) * T * NH + long(n) * H;
+  const long base = long(b) * T * NH + long(n) * H;  // o rows
+  const long in = long(b) * T * ld + long(n) * H;     // q, k, v rows (row stride ld)
   seg += long(b) * T;
   pos += long(b) * T;
   lse += (long(b) * N + n) * T;
@@ -228,9 +195,9 @@ static void fwd_bh(const float* q, const float* k, const float* v, const int32_t
   float* Ob = S + BL * T;  // [BL x H]
   float* Kp = Ob + BL * H;  // [T x H]
   for (int t = 0; t < T; ++t) {
-    const float* qr = q + base + t * NH;
-    const float* kr = k + base + t * NH;
-    const float* vr = v + base + t * NH;
+    const float* qr = q + in + t * ld;
+    const float* kr = k + in + t * ld;
+    const float* vr = v + in + t * ld;
     std::memcpy(Qp + t * H, qr, H * sizeof(float));
     std::memcpy(Vp + t * H, vr, H * sizeof(float));
     std::memcpy(Kp + t * H, kr, H * sizeof(float));
@@ -306,11 +273,12 @@ static void fwd_bh(const float* q, const float* k, const float* v, const int32_t
 }
 
 // ---------------------------------------------------------------- backward
-static void bwd_bh(const float* q, const float* k, const float* v, const int32_t* seg, const int32_t* pos,
+static void bwd_bh(const float* q, const float* k, const float* v, long ld, const int32_t* seg, const int32_t* pos,
                    const float* o, const float* lse, const float* dout, float* dq, float* dk, float* dv,
                    int b, int n, int T, int N, float scale) {
   const long NH = long(N) * H;
-  const long base = long(b) * T * NH + long(n) * H;
+  const long base = long(b) * T * NH + long(n) * H;  // o and dout rows
+  const long in = long(b) * T * ld + long(n) * H;     // q, k, v and dq, dk, dv rows (row stride ld)
   seg += long(b) * T;
   pos += long(b) * T;
   lse += (long(b) * N + n) * T;
@@ -329,9 +297,9 @@ static void bwd_bh(const float* q, const float* k, const float* v, const int32_t
   float* dVa = dKa + BL * BL;
   float* delta = dVa + BL * BL;  // [T]
   for (int t = 0; t < T; ++t) {
-    const float* qr = q + base + t * NH;
-    const float* kr = k + base + t * NH;
-    const float* vr = v + base + t * NH;
+    const float* qr = q + in + t * ld;
+    const float* kr = k + in + t * ld;
+    const float* vr = v + in + t * ld;
     const float* dr = dout + base + t * NH;
     const float* orow = o + base + t * NH;
     std::memcpy(Qp + t * H, qr, H * sizeof(float));
@@ -393,8 +361,8 @@ static void bwd_bh(const float* q, const float* k, const float* v, const int32_t
       }
     }
     for (int j = 0; j < BL; ++j) {
-      float* dkr = dk + base + (k0 + j) * NH;
-      float* dvr = dv + base + (k0 + j) * NH;
+      float* dkr = dk + in + (k0 + j) * ld;
+      float* dvr = dv + in + (k0 + j) * ld;
       for (int x = 0; x < 4; ++x) {
         _mm512_storeu_ps(dkr + 16 * x, _mm512_mul_ps(_mm512_loadu_ps(dKa + j * H + 16 * x), vscale));
         _mm512_storeu_ps(dvr + 16 * x, _mm512_loadu_ps(dVa + j * H + 16 * x));
@@ -403,7 +371,7 @@ static void bwd_bh(const float* q, const float* k, const float* v, const int32_t
   }
   for (int tb = 0; tb < T; tb += BL) transpose64(dQt + tb * H, Qt + tb * H);  // Qt reused as dQ rows
   for (int t = 0; t < T; ++t) {
-    float* dqr = dq + base + t * NH;
+    float* dqr = dq + in + t * ld;
     for (int x = 0; x < 4; ++x)
       _mm512_storeu_ps(dqr + 16 * x, _mm512_mul_ps(_mm512_loadu_ps(Qt + t * H + 16 * x), vscale));
   }
@@ -412,23 +380,57 @@ static void bwd_bh(const float* q, const float* k, const float* v, const int32_t
 }  // namespace
 
 // ---------------------------------------------------------------- FFI handlers
-struct Inputs {  // the arguments both passes read, with the shape [B, T, N, 64] checked
+// Two layouts: q, k, v as three [B, T, N, 64] arrays (AttnFwd, AttnBwd), or packed side by side in one
+// [B, T, 3N, 64] array, as one q|k|v matmul outputs it (AttnFwdPacked, AttnBwdPacked: read in place, the
+// gradient written as one [B, T, 3N, 64] array). o, dout [B, T, N, 64] and lse [B, N, T] in both.
+struct Inputs {  // the arguments both passes read, with the shapes checked
   const float *q, *k, *v;
+  long ld;  // row stride of q, k, v (and of their gradients)
   const int32_t *seg, *pos;
   int B, T, N;
   bool ok;
 };
 
+static bool shape_ok(ffi::Span<const int64_t> d, int heads_per_row) {
+  return d.size() == 4 && d[3] == H && d[1] > 0 && d[1] % BL == 0 && d[2] > 0 && d[2] % heads_per_row == 0;
+}
+
 static Inputs inputs(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
                      ffi::Buffer<ffi::S32>& seg, ffi::Buffer<ffi::S32>& pos) {
   auto d = q.dimensions();
-  const bool ok = d.size() == 4 && d[3] == H && d[1] > 0 && d[1] % BL == 0;
-  return {q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), pos.typed_data(),
-          ok ? int(d[0]) : 0, ok ? int(d[1]) : 0, ok ? int(d[2]) : 0, ok};
+  const bool ok = shape_ok(d, 1) && k.dimensions() == d && v.dimensions() == d;
+  return {q.typed_data(), k.typed_data(), v.typed_data(), ok ? long(d[2]) * H : 0, seg.typed_data(),
+          pos.typed_data(), ok ? int(d[0]) : 0, ok ? int(d[1]) : 0, ok ? int(d[2]) : 0, ok};
+}
+
+static Inputs packed_inputs(ffi::Buffer<ffi::F32>& qkv, ffi::Buffer<ffi::S32>& seg, ffi::Buffer<ffi::S32>& pos) {
+  auto d = qkv.dimensions();
+  const bool ok = shape_ok(d, 3);
+  const int N = ok ? int(d[2] / 3) : 0;
+  const float* p = qkv.typed_data();
+  return {p, p + long(N) * H, p + 2L * N * H, 3L * N * H, seg.typed_data(), pos.typed_data(),
+          ok ? int(d[0]) : 0, ok ? int(d[1]) : 0, N, ok};
 }
 
 static ffi::Error shape_error(const char* pass) {
-  return ffi::Error::InvalidArgument(std::string(pass) + ": need q [B, T, N, 64] (H == 64) with T % 64 == 0");
+  return ffi::Error::InvalidArgument(std::string(pass) + ": need q, k, v [B, T, N, 64] (or q|k|v [B, T, 3N, 64]) "
+                                     "with T % 64 == 0");
+}
+
+static ffi::Error forward(ffi::ThreadPool& pool, const Inputs& in, float* o, float* lse, float scale) {
+  parallel_for(pool, in.B * in.N, [&](int i) {
+    fwd_bh(in.q, in.k, in.v, in.ld, in.seg, in.pos, o, lse, i / in.N, i % in.N, in.T, in.N, scale);
+  });
+  return ffi::Error::Success();
+}
+
+static ffi::Error backward(ffi::ThreadPool& pool, const Inputs& in, const float* o, const float* lse,
+                           const float* dout, float* dq, float* dk, float* dv, float scale) {
+  parallel_for(pool, in.B * in.N, [&](int i) {
+    bwd_bh(in.q, in.k, in.v, in.ld, in.seg, in.pos, o, lse, dout, dq, dk, dv, i / in.N, i % in.N, in.T, in.N,
+           scale);
+  });
+  return ffi::Error::Success();
 }
 
 static ffi::Error AttnFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -436,12 +438,7 @@ static ffi::Error AttnFwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
                               ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, float scale) {
   const Inputs in = inputs(q, k, v, seg, pos);
   if (!in.ok) return shape_error("attn_fwd");
-  float* op = o->typed_data();
-  float* lp = lse->typed_data();
-  parallel_for(pool, in.B * in.N, [&](int i) {
-    fwd_bh(in.q, in.k, in.v, in.seg, in.pos, op, lp, i / in.N, i % in.N, in.T, in.N, scale);
-  });
-  return ffi::Error::Success();
+  return forward(pool, in, o->typed_data(), lse->typed_data(), scale);
 }
 
 static ffi::Error AttnBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -451,16 +448,26 @@ static ffi::Error AttnBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
                               ffi::ResultBuffer<ffi::F32> dv, float scale) {
   const Inputs in = inputs(q, k, v, seg, pos);
   if (!in.ok) return shape_error("attn_bwd");
-  const float* op = o.typed_data();
-  const float* lp = lse.typed_data();
-  const float* dop = dout.typed_data();
-  float* dqp = dq->typed_data();
-  float* dkp = dk->typed_data();
-  float* dvp = dv->typed_data();
-  parallel_for(pool, in.B * in.N, [&](int i) {
-    bwd_bh(in.q, in.k, in.v, in.seg, in.pos, op, lp, dop, dqp, dkp, dvp, i / in.N, i % in.N, in.T, in.N, scale);
-  });
-  return ffi::Error::Success();
+  return backward(pool, in, o.typed_data(), lse.typed_data(), dout.typed_data(), dq->typed_data(),
+                  dk->typed_data(), dv->typed_data(), scale);
+}
+
+static ffi::Error AttnFwdPackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::S32> seg,
+                                    ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> o,
+                                    ffi::ResultBuffer<ffi::F32> lse, float scale) {
+  const Inputs in = packed_inputs(qkv, seg, pos);
+  if (!in.ok) return shape_error("attn_fwd_packed");
+  return forward(pool, in, o->typed_data(), lse->typed_data(), scale);
+}
+
+static ffi::Error AttnBwdPackedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::S32> seg,
+                                    ffi::Buffer<ffi::S32> pos, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
+                                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dqkv, float scale) {
+  const Inputs in = packed_inputs(qkv, seg, pos);
+  if (!in.ok) return shape_error("attn_bwd_packed");
+  float* d = dqkv->typed_data();
+  const long nh = long(in.N) * H;
+  return backward(pool, in, o.typed_data(), lse.typed_data(), dout.typed_data(), d, d + nh, d + 2 * nh, scale);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnFwd, AttnFwdImpl,
@@ -488,5 +495,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnBwd, AttnBwdImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnFwdPacked, AttnFwdPackedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AttnBwdPacked, AttnBwdPackedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));

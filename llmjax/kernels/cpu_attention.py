@@ -6,9 +6,7 @@ an AVX-512 microkernel, skips the tiles above the diagonal and those whose packe
 keeps nothing of size [T, T] (the backward pass recomputes the scores from the saved row logsumexp). On the
 bench shape (configs/bench_gpt.py) its forward + backward pass is ~3x faster than the XLA version.
 
-It is compiled on first use with the system's C++ compiler (`c++`, or $CXX) for this machine's CPU
-(-march=native) into ~/.cache/llmjax/kernels (or $LLMJAX_KERNEL_CACHE), keyed by the source, the flags and
-the CPU model, so a cache directory shared by different hosts never hands one an instruction set it lacks.
+It is compiled on first use for this machine's CPU (-march=native) and cached (llmjax.kernels.native).
 Where it cannot be used (no AVX-512, no compiler, a build error, or LLMJAX_CPU_KERNELS=0) `available()` is
 False, the reason is logged once, and llmjax.models.attention uses the XLA kernel instead.
 """
@@ -17,77 +15,37 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
 import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llmjax.kernels import native
+
 log = logging.getLogger("llmjax")
 
-SOURCE = Path(__file__).with_suffix(".cc")
 HEAD_DIM, BLOCK = 64, 64  # what the kernel is written for: head dim 64, T a multiple of 64
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-DATTN_MR=6")
-
-
-def _cpu_flags() -> tuple[str, str]:
-    """(model name, flags) of this CPU from /proc/cpuinfo; empty strings where it is unreadable."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "", ""
-    field = lambda name: next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                               if line.startswith(name)), "")
-    return field("model name"), field("flags")
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LLMJAX_KERNEL_CACHE", Path.home() / ".cache" / "llmjax" / "kernels"))
-
-
-def build() -> Path:
-    """Compile cpu_attention.cc (once per source, flags, compiler and CPU) and return the shared library."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not compiler:
-        raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
-    model, flags = _cpu_flags()
-    import jaxlib
-
-    key = hashlib.sha256(b"\0".join(x.encode() if isinstance(x, str) else x for x in (
-        SOURCE.read_bytes(), " ".join(FLAGS), compiler, model, flags, jax.ffi.include_dir(),
-        jaxlib.__version__))).hexdigest()[:16]
-    out = _cache_dir() / f"cpu_attention_{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # concurrent builds never see a partial file
-            part = Path(tmp) / out.name
-            r = subprocess.run([compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(part)],
-                               capture_output=True, text=True)
-            if r.returncode:
-                raise RuntimeError(f"{compiler} failed to build {SOURCE.name}:\n{r.stderr[-2000:]}")
-            os.replace(part, out)
-    return out
 
 
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built and registered with XLA for the CPU (logs why not, once)."""
-    if os.environ.get("LLMJAX_CPU_KERNELS", "1") == "0":
+    if not native.enabled():
         return False
-    if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in _cpu_flags()[1].split():
+    if platform.machine() not in ("x86_64", "AMD64") or "avx512f" not in native.cpu_flags()[1].split():
         log.info("llmjax CPU attention kernel: this CPU has no AVX-512; using XLA's attention")
         return False
     try:
-        lib = ctypes.cdll.LoadLibrary(str(build()))
+        lib = ctypes.cdll.LoadLibrary(str(native.build("cpu_attention", FLAGS)))
         jax.ffi.register_ffi_target("llmjax_attention_fwd", jax.ffi.pycapsule(lib.AttnFwd), platform="cpu")
         jax.ffi.register_ffi_target("llmjax_attention_bwd", jax.ffi.pycapsule(lib.AttnBwd), platform="cpu")
+        jax.ffi.register_ffi_target("llmjax_attention_fwd_packed", jax.ffi.pycapsule(lib.AttnFwdPacked),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target("llmjax_attention_bwd_packed", jax.ffi.pycapsule(lib.AttnBwdPacked),
+                                    platform="cpu")
     except (OSError, RuntimeError) as e:
         log.warning("llmjax CPU attention kernel unavailable (%s); using XLA's attention", e)
         return False
@@ -144,3 +102,37 @@ def attention(q, k, v, segment_ids, positions, *, scale: float) -> jax.Array:
     if kvh != n:  # grouped-query attention: each kv head serves n // kvh query heads
         k, v = jnp.repeat(k, n // kvh, axis=2), jnp.repeat(v, n // kvh, axis=2)
     return _attention(q, k, v, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), float(scale))
+
+
+def _forward_packed(qkv, seg, pos, scale):
+    b, t, n3, h = qkv.shape
+    return jax.ffi.ffi_call("llmjax_attention_fwd_packed", (jax.ShapeDtypeStruct((b, t, n3 // 3, h), jnp.float32),
+                                                            jax.ShapeDtypeStruct((b, n3 // 3, t), jnp.float32)))(
+        qkv, seg, pos, scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention_packed(qkv, seg, pos, scale):
+    return _forward_packed(qkv, seg, pos, scale)[0]
+
+
+def _attention_packed_fwd(qkv, seg, pos, scale):
+    o, lse = _forward_packed(qkv, seg, pos, scale)
+    return o, (qkv, seg, pos, o, lse)
+
+
+def _attention_packed_bwd(scale, res, do):
+    qkv, seg, pos, o, lse = res
+    dqkv = jax.ffi.ffi_call("llmjax_attention_bwd_packed", jax.ShapeDtypeStruct(qkv.shape, jnp.float32))(
+        qkv, seg, pos, o, lse, do.astype(jnp.float32), scale=np.float32(scale))
+    return dqkv, None, None
+
+
+_attention_packed.defvjp(_attention_packed_fwd, _attention_packed_bwd)
+
+
+def attention_packed(qkv, segment_ids, positions, *, scale: float) -> jax.Array:
+    """`attention(q, k, v, ...)` for q, k and v side by side in one array qkv [B, T, 3N, 64] (as one matmul on the
+    three projections' kernels outputs them; no grouped-query heads): the kernel reads them in place and writes
+    their gradient as one [B, T, 3N, 64] array, so no split or concat copies surround it. One device only."""
+    return _attention_packed(qkv, segment_ids.astype(jnp.int32), positions.astype(jnp.int32), float(scale))

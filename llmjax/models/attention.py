@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from llmjax.kernels import native
 from llmjax.models.config import ModelConfig
-from llmjax.models.layers import Linear, apply_rope
+from llmjax.models.layers import Linear, apply_rope, fused_linear, linear_group
 
 NEG_INF = -1e30  # finite, so fully masked rows never produce NaN
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array]  # ([B,T] q positions, [B,S] kv positions) -> [B|1, N, T, S]
@@ -390,21 +391,13 @@ def per_shard(local, q, k, v, *rows):
                          check_vma=False)(q, k, v, *rows)
 
 
-def _platform() -> str:
-    """The platform being compiled for: the mesh context's devices (e.g. a TPU topology compiled for on a CPU
-    host), else the default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return getattr(device, "platform", None) or jax.default_backend()
-
-
 def resolve_kernel(kernel: str, platform: str | None = None) -> str:
     """'auto' -> the kernel for the platform (given, else the platform of the mesh context's devices, else
     the default backend): splash on TPU, dot_product (cuDNN) on GPU, cpu_flash (the C++ kernel,
     llmjax.kernels.cpu_attention) on the CPU. Other names are returned unchanged."""
     if kernel != "auto":
         return kernel
-    platform = platform or _platform()
+    platform = platform or native.platform()
     return {"tpu": "splash", "gpu": "dot_product", "cuda": "dot_product", "rocm": "dot_product",
             "cpu": "cpu_flash"}.get(platform, "reference")
 
@@ -433,7 +426,7 @@ def attend(q, k, v, mask: AttentionMask, *, kernel: str, bias=None, scale: float
         same_keys = mask.q_segment_ids is mask.kv_segment_ids and mask.q_positions is mask.kv_positions
         covered = cpu_attention.supported(q, k, v, causal=mask.causal, prefix=mask.kv_prefix, same_keys=same_keys,
                                           bias=bias, dropout=dropout)
-        if partitionable and covered and _platform() == "cpu" and cpu_attention.available():
+        if partitionable and covered and native.platform() == "cpu" and cpu_attention.available():
             local = lambda q, k, v, seg, pos: cpu_attention.attention(q, k, v, seg, pos, scale=scale)
             return per_shard(local, q, k, v, mask.q_segment_ids, mask.q_positions)
         kernel = "reference"
@@ -492,6 +485,27 @@ class Attention(nnx.Module):
         b, s = segment_ids.shape
         return KVCache(k, v, segment_ids, positions, jnp.zeros((b, s), bool), jnp.asarray(s, jnp.int32))
 
+    def packed_self_attention(self, x, segment_ids, positions, *, causal, prefix, bias, cache, dropout):
+        """Causal self-attention on the C++ CPU kernel straight from one matmul on the q, k and v kernels side by
+        side (`fused_linear`): the kernel reads q, k and v in place and writes their gradient as one array, so no
+        split or concat copies surround it. None where this path does not apply (then q, k and v are computed
+        and split as usual): decoding, RoPE, grouped-query heads, any attention the kernel does not cover, not
+        one CPU device."""
+        from llmjax.kernels import cpu_attention
+
+        cfg = self.cfg
+        b, t = x.shape[:2]
+        n, h = cfg.num_heads, cfg.head_size
+        if (cache is not None or self.rope or cfg.kv_heads != n or not causal or prefix is not None
+                or bias is not None or dropout or resolve_kernel(cfg.attention_kernel) != "cpu_flash"
+                or t % cpu_attention.BLOCK or h != cpu_attention.HEAD_DIM or self.q.dtype != jnp.float32
+                or native.platform() != "cpu" or not native.one_device() or not cpu_attention.available()):
+            return None
+        qkv = fused_linear(x, (self.q, self.k, self.v))  # [B*T, 3*N*H], or None off the CPU matmul kernel
+        if qkv is None:
+            return None
+        return cpu_attention.attention_packed(qkv.reshape(b, t, 3 * n, h), segment_ids, positions, scale=self.scale)
+
     def __call__(
         self,
         x: jax.Array,  # [B, T, D]
@@ -507,12 +521,8 @@ class Attention(nnx.Module):
         cache: KVCache | None = None,
         deterministic: bool = True,
     ) -> tuple[jax.Array, KVCache | None]:
-        # Three matmuls rather than one on stacked kernels: stacking them (and splitting the gradient) costs
-        # XLA:CPU more copies than the bigger matmul saves (measured: the bench step ~7% slower).
-        q = self.q(x)  # [B, T, N, H]
-        if self.rope:
-            q = apply_rope(q, positions, self.cfg.rope_theta)
         if self.cross:
+            q = self.q(x)  # [B, T, N, H]
             if cache is not None:  # encoder K/V computed once by cross_cache
                 k, v = cache.k, cache.v
                 kv_seg, kv_pos = cache.segment_ids, cache.positions
@@ -521,7 +531,15 @@ class Attention(nnx.Module):
                 kv_seg, kv_pos = context_segment_ids, context_positions
             mask = AttentionMask(segment_ids, kv_seg, positions, kv_pos, None, causal=False)
         else:
-            k, v = self.kv(x, positions)
+            dropout = not deterministic and self.dropout_rate > 0
+            out = self.packed_self_attention(x, segment_ids, positions, causal=causal, prefix=prefix, bias=bias,
+                                             cache=cache, dropout=dropout)
+            if out is not None:
+                return self.o(out), cache
+            q, k, v = linear_group(x, (self.q, self.k, self.v))  # [B, T, N|K, H]
+            if self.rope:
+                q = apply_rope(q, positions, self.cfg.rope_theta)
+                k = apply_rope(k, positions, self.cfg.rope_theta)
             kv_prefix = prefix
             if cache is not None:
                 pre = prefix if prefix is not None else jnp.zeros(segment_ids.shape, bool)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmjax.kernels import cpu_matmul
 from llmjax.models.config import ACTIVATIONS, ModelConfig
 
 Shape = tuple[int, ...]
@@ -29,6 +30,15 @@ def _as_shape(x: int | Sequence[int]) -> Shape:
 
 
 BATCH_MESH_AXES = ("data", "fsdp", "expert")  # as llmjax.sharding.BATCH_AXES (kept here: no import cycle)
+
+
+def matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *, transpose_w: bool = False) -> jax.Array:
+    """x [rows, K] @ w [K, N] (w [N, K] transposed with transpose_w) + bias [N]: on one CPU device in float32
+    OpenBLAS through llmjax.kernels.cpu_matmul (faster there than XLA's dot), else XLA's dot."""
+    if cpu_matmul.usable(x, w):
+        return cpu_matmul.matmul(x, w, bias, transpose_w=transpose_w)
+    y = x @ (w.T if transpose_w else w)
+    return y if bias is None else y + bias
 
 
 def shard_batch(x: jax.Array) -> jax.Array:
@@ -54,7 +64,7 @@ def normal_init(std: float):
 
 class Linear(nnx.Module):
     """y = x W + b with W of shape `in_shape + out_shape` (e.g. [D, N, H] for a query projection),
-    computed as one 2-D matmul [rows, prod(in)] @ [prod(in), prod(out)], which XLA runs fastest.
+    computed as one 2-D matmul [rows, prod(in)] @ [prod(in), prod(out)] (`matmul`), which runs fastest.
 
     With `lora_rank > 0` the base weight is frozen (no gradient flows into it) and a low-rank update
     (alpha / rank) * x A B is added, with B zero-initialised so the adapted layer starts equal to the base.
@@ -106,12 +116,11 @@ class Linear(nnx.Module):
         w = self.kernel[...]
         if self.lora_rank:
             w = jax.lax.stop_gradient(w)  # frozen base: only the adapter trains
-        y = x2 @ w.reshape(k_in, k_out).astype(self.dtype)  # [rows, out]
+        bias = None if self.bias is None else self.bias[...].reshape(k_out).astype(self.dtype)
+        y = matmul(x2, w.reshape(k_in, k_out).astype(self.dtype), bias)  # [rows, out]
         if self.lora_rank:
             a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
             y = y + ((x2 @ a) @ b) * self.lora_scale
-        if self.bias is not None:
-            y = y + self.bias[...].reshape(k_out).astype(self.dtype)
         return shard_batch(y.reshape(*lead, *self.out_shape))
 
     def merged_kernel(self) -> jax.Array:
@@ -121,6 +130,41 @@ class Linear(nnx.Module):
             return w
         delta = (self.lora_a[...] @ self.lora_b[...]) * self.lora_scale
         return w + delta.reshape(w.shape).astype(w.dtype)
+
+
+def fused_linear(x: jax.Array, layers: Sequence[Linear]) -> jax.Array | None:
+    """The outputs of Linear layers that read the same input (e.g. the q, k and v projections of self-attention)
+    side by side, [rows, sum of their output sizes], from one matmul on their kernels side by side: one bigger
+    GEMM and one bias pass instead of several. Only where that matmul runs on the CPU kernel (`matmul`) and no
+    layer has LoRA; None elsewhere (`linear_group` then calls the layers one by one): side by side, kernels
+    sharded over a mesh axis would have to be resharded, and on XLA's dot the split output costs what the bigger
+    matmul saves."""
+    first = layers[0]
+    n_in = len(first.in_shape)
+    if x.shape[x.ndim - n_in:] != first.in_shape:
+        raise ValueError(f"Linear expects trailing dims {first.in_shape}, got input of shape {x.shape}")
+    x2 = x.reshape(-1, math.prod(first.in_shape)).astype(first.dtype)
+    if (len(layers) < 2 or any(m.lora_rank or m.in_shape != first.in_shape or m.dtype != first.dtype
+                               or (m.bias is None) != (first.bias is None) for m in layers)
+            or not cpu_matmul.usable(x2, jax.ShapeDtypeStruct((x2.shape[1], 1), first.dtype))):
+        return None
+    w = jnp.concatenate([m.kernel[...].reshape(x2.shape[1], -1).astype(first.dtype) for m in layers], axis=1)
+    bias = None if first.bias is None else jnp.concatenate(
+        [m.bias[...].reshape(-1).astype(first.dtype) for m in layers])
+    return cpu_matmul.matmul(x2, w, bias)
+
+
+def linear_group(x: jax.Array, layers: Sequence[Linear]) -> list[jax.Array]:
+    """[layer(x) for layer in layers], from one matmul where `fused_linear` applies."""
+    y = fused_linear(x, layers)
+    if y is None:
+        return [m(x) for m in layers]
+    lead, out, start = x.shape[: x.ndim - len(layers[0].in_shape)], [], 0
+    for m in layers:
+        size = math.prod(m.out_shape)
+        out.append(shard_batch(y[:, start:start + size].reshape(*lead, *m.out_shape)))
+        start += size
+    return out
 
 
 class Embed(nnx.Module):
@@ -138,7 +182,8 @@ class Embed(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
         table = self.embedding[...].astype(self.dtype)
         lead = x.shape[:-1]
-        return shard_batch((x.reshape(-1, x.shape[-1]).astype(self.dtype) @ table.T).reshape(*lead, table.shape[0]))
+        logits = matmul(x.reshape(-1, x.shape[-1]).astype(self.dtype), table, transpose_w=True)
+        return shard_batch(logits.reshape(*lead, table.shape[0]))
 
 
 def _normalize_fwd(x, scale, bias, eps: float, center: bool):
