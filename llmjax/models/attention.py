@@ -498,10 +498,10 @@ class Attention(nnx.Module):
         n, h = cfg.num_heads, cfg.head_size
         if (cache is not None or self.rope or cfg.kv_heads != n or not causal or prefix is not None
                 or bias is not None or dropout or resolve_kernel(cfg.attention_kernel) != "cpu_flash"
-                or t % cpu_attention.BLOCK or h != cpu_attention.HEAD_DIM or self.q.dtype != jnp.float32
-                or native.platform() != "cpu" or not native.one_device() or not cpu_attention.available()):
+                or t % cpu_attention.BLOCK or h != cpu_attention.HEAD_DIM or not cpu_attention.available()):
             return None
-        qkv = fused_linear(x, (self.q, self.k, self.v))  # [B*T, 3*N*H], or None off the CPU matmul kernel
+        # [B*T, 3*N*H]; None unless on the CPU matmul kernel (float32, one CPU device)
+        qkv = fused_linear(x, (self.q, self.k, self.v))
         if qkv is None:
             return None
         return cpu_attention.attention_packed(qkv.reshape(b, t, 3 * n, h), segment_ids, positions, scale=self.scale)
