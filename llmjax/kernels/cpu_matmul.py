@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ def available() -> bool:
     try:
         import scipy_openblas32
 
-        blas = scipy_openblas32.dll
+        blas = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True)))
         blas.scipy_openblas_set_num_threads(1)  # one sgemm per core, run by XLA's thread pool
         lib = ctypes.cdll.LoadLibrary(str(native.build("cpu_matmul", FLAGS)))
         lib.LlmjaxSetSgemm(ctypes.cast(blas.scipy_cblas_sgemm, ctypes.c_void_p))

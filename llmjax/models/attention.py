@@ -496,9 +496,12 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, t = x.shape[:2]
         n, h = cfg.num_heads, cfg.head_size
-        if (cache is not None or self.rope or cfg.kv_heads != n or not causal or prefix is not None
-                or bias is not None or dropout or resolve_kernel(cfg.attention_kernel) != "cpu_flash"
-                or t % cpu_attention.BLOCK or h != cpu_attention.HEAD_DIM or not cpu_attention.available()):
+        heads = jax.ShapeDtypeStruct((b, t, n, h), self.q.dtype)  # q, k and v (no grouped-query heads)
+        if (cache is not None or self.rope or cfg.kv_heads != n
+                or resolve_kernel(cfg.attention_kernel) != "cpu_flash"
+                or not cpu_attention.supported(heads, heads, heads, causal=causal, prefix=prefix, same_keys=True,
+                                               bias=bias, dropout=dropout)
+                or not cpu_attention.available()):
             return None
         # [B*T, 3*N*H]; None unless on the CPU matmul kernel (float32, one CPU device)
         qkv = fused_linear(x, (self.q, self.k, self.v))

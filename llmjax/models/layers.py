@@ -146,7 +146,8 @@ def fused_linear(x: jax.Array, layers: Sequence[Linear]) -> jax.Array | None:
     x2 = x.reshape(-1, math.prod(first.in_shape)).astype(first.dtype)
     if (len(layers) < 2 or any(m.lora_rank or m.in_shape != first.in_shape or m.dtype != first.dtype
                                or (m.bias is None) != (first.bias is None) for m in layers)
-            or not cpu_matmul.usable(x2, jax.ShapeDtypeStruct((x2.shape[1], 1), first.dtype))):
+            or not cpu_matmul.usable(x2, jax.ShapeDtypeStruct(
+                (x2.shape[1], sum(math.prod(m.out_shape) for m in layers)), first.dtype))):
         return None
     w = jnp.concatenate([m.kernel[...].reshape(x2.shape[1], -1).astype(first.dtype) for m in layers], axis=1)
     bias = None if first.bias is None else jnp.concatenate(
