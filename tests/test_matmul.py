@@ -1,6 +1,8 @@
 """The CPU matmul kernel (llmjax.kernels.cpu_matmul, OpenBLAS through jax.ffi): values and gradients equal XLA's
 dot, the model's layers use it on one CPU device, and it steps aside where it cannot run."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +52,51 @@ def test_matches_xla_dot_values_and_gradients(m, k, n, transpose_w, with_bias):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.sqrt(max(m, k)), err_msg=name)
 
 
+@pytest.mark.parametrize("m,d,f", [(512, 128, 512), (64, 128, 1024), (3, 7, 5)],
+                         ids=["split-rows", "split-columns", "tiny"])
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_mlp_with_the_activation_inside_the_matmuls(m, d, f, activation, with_bias):
+    """act(x w1 + b1) w2 + b2 with exact GELU or ReLU applied by the first matmul's kernel call, its gradient by
+    the call that computes the hidden layer's gradient, and the bias gradients summed by the calls that read the
+    output gradients: values and gradients against float64 numpy, with pre-activations beyond +-6 (the
+    GELU's erf saturates) and 6 kernel calls, no other matmul, no erf left to XLA."""
+    keys = jax.random.split(jax.random.key(m + d + f), 6)
+    x = jax.random.normal(keys[0], (m, d))
+    w1 = 3.0 * jax.random.normal(keys[1], (d, f)) / np.sqrt(d)
+    b1 = jax.random.normal(keys[2], (f,)) if with_bias else None
+    w2 = jax.random.normal(keys[3], (f, d)) / np.sqrt(f)
+    b2 = jax.random.normal(keys[4], (d,)) if with_bias else None
+    g = jax.random.normal(keys[5], (m, d))
+
+    def loss(x, w1, b1, w2, b2):
+        return jnp.sum(cpu_matmul.mlp(x, w1, b1, w2, b2, activation) * g)
+
+    with one_device_mesh():
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if with_bias else (0, 1, 3)))
+        hlo = fn.lower(x, w1, b1, w2, b2).as_text()
+        value, grads = fn(x, w1, b1, w2, b2)
+    assert hlo.count("@llmjax_matmul(") == 6
+    assert "dot_general" not in hlo and "erf" not in hlo
+
+    x64, w164, w264, g64 = (np.asarray(a, np.float64) for a in (x, w1, w2, g))
+    u = x64 @ w164 + (np.asarray(b1, np.float64) if with_bias else 0.0)
+    assert u.size < 1000 or (u.min() < -6 and u.max() > 6)  # the activation is tested where erf saturates
+    if activation == "gelu":
+        cdf = 0.5 * (1.0 + np.vectorize(math.erf)(u / math.sqrt(2.0)))
+        h, dact = u * cdf, cdf + u * np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi)
+    else:
+        h, dact = np.maximum(u, 0.0), (u > 0).astype(np.float64)
+    y = h @ w264 + (np.asarray(b2, np.float64) if with_bias else 0.0)
+    np.testing.assert_allclose(float(value), float(np.sum(y * g64)), rtol=1e-5, atol=1e-3)
+    du = (g64 @ w264.T) * dact
+    expected = {"dx": du @ w164.T, "dw1": x64.T @ du, "db1": du.sum(0), "dw2": h.T @ g64, "db2": g64.sum(0)}
+    names = ["dx", "dw1", "db1", "dw2", "db2"] if with_bias else ["dx", "dw1", "dw2"]
+    for name, got in zip(names, grads):
+        want = expected[name]
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.sqrt(max(m, f)), err_msg=name)
+
+
 def test_steps_aside_where_it_cannot_run():
     """bfloat16, a mesh of several devices (a custom call is not partitioned) and an empty dimension use XLA's
     dot: no custom call, the same result."""
@@ -72,9 +119,9 @@ def test_steps_aside_where_it_cannot_run():
 
 @pytest.mark.parametrize("name", ["gpt", "llama"])
 def test_decoder_trains_the_same_with_and_without_the_kernel(monkeypatch, name):
-    """A small GPT (biases, tied output embedding) and Llama (RoPE, grouped-query heads, SwiGLU, no biases, an
-    output projection) on one CPU device: every Linear and the output logits run on the kernel, q, k and v as one
-    matmul, and loss and gradients match the XLA-dot model's."""
+    """A small GPT (biases, tied output embedding, GELU inside the MLP's matmuls) and Llama (RoPE, grouped-query
+    heads, SwiGLU, no biases, an output projection) on one CPU device: every Linear and the output logits run on
+    the kernel, q, k and v as one matmul, and loss and gradients match the XLA-dot model's."""
     extra = {"gpt": dict(activation="gelu", position="learned"),
              "llama": dict(activation="swiglu", norm="rmsnorm", use_bias=False, position="rope", num_kv_heads=2,
                            tie_embeddings=False)}[name]
@@ -98,6 +145,8 @@ def test_decoder_trains_the_same_with_and_without_the_kernel(monkeypatch, name):
     # 2 layers x (q|k|v as one matmul, o, the MLP's 2 or 3) + the logits, each forward + 2 backward calls
     assert hlo.count("@llmjax_matmul(") == 3 * (2 * (4 if name == "gpt" else 5) + 1)
     assert "llmjax_matmul" not in hlo_xla
+    if name == "gpt":  # the MLP's GELU and its gradient are applied inside its matmuls (cpu_matmul.mlp)
+        assert "erf" not in hlo and "erf" in hlo_xla
     np.testing.assert_allclose(float(loss), float(loss_xla), rtol=1e-6)
     for (path, g), g_xla in zip(jax.tree.leaves_with_path(nnx.state(grads)), jax.tree.leaves(nnx.state(grads_xla))):
         np.testing.assert_allclose(np.asarray(g), np.asarray(g_xla), rtol=1e-4, atol=1e-6,

@@ -408,12 +408,42 @@ def test_objectives_are_deterministic_given_the_seed(name, family, config):
 
 
 # --------------------------------------------------------------------------------------------------- losses
+@pytest.fixture(params=["xla", "cpu-kernel"])
+def loss_device(request):
+    """The loss tests run twice: with XLA's softmax statistics (all 8 test devices) and with the C++ kernel
+    llmjax.kernels.cpu_cross_entropy (under a one-CPU-device mesh, where losses.token_cross_entropy uses it)."""
+    from llmjax import sharding as shd
+
+    devices = jax.devices()[:1] if request.param == "cpu-kernel" else jax.devices()
+    with jax.set_mesh(shd.make_mesh(shd.mesh_config(data=len(devices)), devices)):
+        yield request.param
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1], ids=["plain", "smoothed"])
+def test_cross_entropy_kernel_is_used_on_one_cpu_device(loss_device, label_smoothing):
+    """On one CPU device the loss and its gradient are two kernel calls (no XLA reductions over the logits); on
+    8 devices XLA computes them. Both agree with float64 numpy on a vocabulary that is not a multiple of the
+    kernel's 16 lanes, over rows split between threads."""
+    rng = np.random.default_rng(15)
+    logits = jnp.asarray(rng.normal(size=(4, 64, 1001)) * 4, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 1001, (4, 64)))
+    fn = jax.jit(jax.value_and_grad(lambda x: losses.cross_entropy(x, targets, label_smoothing=label_smoothing).loss))
+    hlo = fn.lower(logits).as_text()
+    kernel = loss_device == "cpu-kernel"
+    assert ("@llmjax_softmax_stats(" in hlo and "@llmjax_softmax_stats_bwd(" in hlo) == kernel
+    value, grad = fn(logits)
+    logp = naive_log_softmax(logits)
+    q = (1 - label_smoothing) * np.eye(1001)[np.asarray(targets)] + label_smoothing / 1001
+    np.testing.assert_allclose(float(value), -np.sum(q * logp), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), np.exp(logp) - q, atol=1e-6)
+
+
 def naive_log_softmax(logits):
     x = np.asarray(logits, np.float64)
     return x - np.log(np.sum(np.exp(x), axis=-1, keepdims=True))
 
 
-def test_cross_entropy_matches_naive_numpy():
+def test_cross_entropy_matches_naive_numpy(loss_device):
     rng = np.random.default_rng(12)
     logits = rng.normal(size=(3, 7, 11)).astype(np.float32) * 3
     targets = rng.integers(0, 11, (3, 7))
@@ -433,7 +463,7 @@ def test_cross_entropy_matches_naive_numpy():
 
 
 @pytest.mark.parametrize("label_smoothing, z_loss", [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-2), (0.2, 1e-2)])
-def test_cross_entropy_gradient_matches_autodiff_of_the_formula(label_smoothing, z_loss):
+def test_cross_entropy_gradient_matches_autodiff_of_the_formula(label_smoothing, z_loss, loss_device):
     """cross_entropy's hand-written backward pass against JAX's gradient of the textbook formula."""
     rng = np.random.default_rng(13)
     logits = jnp.asarray(rng.normal(size=(3, 5, 17)) * 3, jnp.float32)
@@ -451,7 +481,7 @@ def test_cross_entropy_gradient_matches_autodiff_of_the_formula(label_smoothing,
     np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(plain)(logits), atol=1e-6)
 
 
-def test_accuracy_is_argmax_with_its_tie_breaking():
+def test_accuracy_is_argmax_with_its_tie_breaking(loss_device):
     """Ties go to the lowest index, as jnp.argmax: a target tied with an earlier logit is wrong, with a later
     one right (the accuracy is computed without an arg-reduction)."""
     rng = np.random.default_rng(14)
@@ -464,7 +494,7 @@ def test_accuracy_is_argmax_with_its_tie_breaking():
     assert float(losses.cross_entropy(tied, jnp.array([[2]])).correct) == 0.0
 
 
-def test_label_smoothing_and_z_loss_by_hand():
+def test_label_smoothing_and_z_loss_by_hand(loss_device):
     logits = jnp.log(jnp.array([[[1.0, 2.0, 3.0, 4.0]]]))  # p = 0.1, 0.2, 0.3, 0.4; logsumexp = log 10
     target = jnp.array([[3]])
     # q = 0.8 * onehot(3) + 0.2 / 4 -> 0.05, 0.05, 0.05, 0.85
@@ -478,7 +508,7 @@ def test_label_smoothing_and_z_loss_by_hand():
     )
 
 
-def test_cross_entropy_respects_weights_and_is_stable():
+def test_cross_entropy_respects_weights_and_is_stable(loss_device):
     logits = jnp.array([[[1e4, 0.0], [0.0, 1e4], [3.0, -2.0]]])  # huge logits: naive exp would overflow
     targets = jnp.array([[0, 0, 1]])
     per_token = np.array([0.0, 1e4, 5.0 + math.log1p(math.exp(-5.0))])

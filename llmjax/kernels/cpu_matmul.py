@@ -22,12 +22,13 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llmjax.kernels import native
 
 log = logging.getLogger("llmjax")
 
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 MAX_DIM = 2**31 - 1  # sgemm takes 32-bit ints (scipy-openblas32)
 
 
@@ -58,29 +59,41 @@ def usable(x: jax.Array, w: jax.Array) -> bool:
             and native.platform() == "cpu" and native.one_device() and available())
 
 
-def _call(a, b, bias, *, trans_a: bool = False, trans_b: bool = False):
+# cpu_matmul.cc's `epilogue` attribute: an activation applied to the output (keeping the pre-activation), or
+# the gradient through that activation applied to the output, given the saved pre-activation.
+EPILOGUES = {None: 0, "gelu": 1, "relu": 2, "gelu_grad": 3, "relu_grad": 4}
+ACTIVATIONS = ("gelu", "relu")  # the activations `linear_act` / `mlp` fuse: exact GELU and ReLU
+
+
+def _call(a, b, bias=None, *, trans_a: bool = False, trans_b: bool = False, epilogue: str | None = None,
+          aux=None, sum_a: bool = False):
+    """(C, U, S): C = op(a) op(b) (+ bias) through `epilogue`, U the pre-activation (empty unless the epilogue is an
+    activation), S the column sums of `a` (empty unless sum_a)."""
     m = a.shape[1] if trans_a else a.shape[0]
     n = b.shape[0] if trans_b else b.shape[1]
-    if bias is None:
-        bias = jnp.zeros((0,), jnp.float32)
-    return jax.ffi.ffi_call("llmjax_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32))(
-        a, b, bias, trans_a=trans_a, trans_b=trans_b)
+    empty = jnp.zeros((0,), jnp.float32)
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    keeps_pre = epilogue in ACTIVATIONS
+    return jax.ffi.ffi_call("llmjax_matmul", (f32(m, n), f32(m, n) if keeps_pre else f32(0),
+                                              f32(a.shape[1]) if sum_a else f32(0)))(
+        a, b, empty if bias is None else bias, empty if aux is None else aux,
+        trans_a=trans_a, trans_b=trans_b, epilogue=np.int64(EPILOGUES[epilogue]), sum_a=sum_a)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _matmul(x, w, bias, transpose_w):
-    return _call(x, w, bias, trans_b=transpose_w)
+    return _call(x, w, bias, trans_b=transpose_w)[0]
 
 
 def _matmul_fwd(x, w, bias, transpose_w):
-    return _call(x, w, bias, trans_b=transpose_w), (x, w, bias is not None)
+    return _matmul(x, w, bias, transpose_w), (x, w, bias is not None)
 
 
 def _matmul_bwd(transpose_w, res, g):
     x, w, has_bias = res
-    dx = _call(g, w, None, trans_b=not transpose_w)  # g w^T, or g w for a transposed w
-    dw = _call(g, x, None, trans_a=True) if transpose_w else _call(x, g, None, trans_a=True)  # g^T x | x^T g
-    return dx, dw, g.sum(axis=0) if has_bias else None
+    dx, _, db = _call(g, w, trans_b=not transpose_w, sum_a=has_bias)  # g w^T (g w for a transposed w); sum of g
+    dw = _call(g, x, trans_a=True)[0] if transpose_w else _call(x, g, trans_a=True)[0]  # g^T x | x^T g
+    return dx, dw, db if has_bias else None
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -88,4 +101,46 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 def matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *, transpose_w: bool = False) -> jax.Array:
     """x [M, K] @ w [K, N] (or w.T for w [N, K] with transpose_w) + bias [N], float32, on one CPU device."""
+    _require()
     return _matmul(x, w, bias, transpose_w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _mlp(x, w1, b1, w2, b2, activation):
+    return _mlp_fwd(x, w1, b1, w2, b2, activation)[0]
+
+
+def _mlp_fwd(x, w1, b1, w2, b2, activation):
+    h, u, _ = _call(x, w1, b1, epilogue=activation)
+    y = _call(h, w2, b2)[0]
+    return y, (x, w1, w2, u, h, b1 is not None, b2 is not None)
+
+
+def _mlp_bwd(activation, res, g):
+    x, w1, w2, u, h, has_b1, has_b2 = res
+    du, _, db2 = _call(g, w2, trans_b=True, epilogue=f"{activation}_grad", aux=u, sum_a=has_b2)  # (g w2^T) act'(u)
+    dw2 = _call(h, g, trans_a=True)[0]
+    dx, _, db1 = _call(du, w1, trans_b=True, sum_a=has_b1)
+    dw1 = _call(x, du, trans_a=True)[0]
+    return dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None
+
+
+_mlp.defvjp(_mlp_fwd, _mlp_bwd)
+
+
+def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array | None, w2: jax.Array, b2: jax.Array | None, activation: str
+        ) -> jax.Array:
+    """act(x [M, D] @ w1 [D, F] + b1) @ w2 [F, D] + b2 with act "gelu" (exact) or "relu", float32, on one CPU
+    device: the activation is applied by the first matmul's kernel call and its gradient by the call computing
+    the gradient of the hidden layer, so neither is a pass of its own; the bias gradients are summed by the
+    calls that read the output gradients."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"cpu_matmul.mlp: activation {activation!r} is not one of {ACTIVATIONS}")
+    _require()
+    return _mlp(x, w1, b1, w2, b2, activation)
+
+
+def _require():
+    if not available():
+        raise RuntimeError("the llmjax CPU matmul kernel is unavailable here (see the warning logged above); "
+                           "llmjax.models.layers.matmul falls back to XLA's dot by itself")

@@ -273,6 +273,7 @@ class MLP(nnx.Module):
             lora_alpha=cfg.lora_alpha, rngs=rngs,
         )
         self.act = activation_fn(cfg.activation)
+        self.act_name = ACTIVATIONS[cfg.activation][0]
         self.gated = cfg.gated
         if self.gated:
             self.wi_0 = Linear(cfg.d_model, cfg.mlp_dim, axes=("embed", "mlp"), init_std=cfg.init_std, **common)
@@ -282,11 +283,32 @@ class MLP(nnx.Module):
         self.wo = Linear(cfg.mlp_dim, cfg.d_model, axes=("mlp", "embed"), init_std=out_init_std or cfg.init_std, **common)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+        y = self._fused(x)
+        if y is not None:
+            return y
         if self.gated:
             h = self.act(self.wi_0(x)) * self.wi_1(x)  # [B, T, F]
         else:
             h = self.act(self.wi(x))
         return self.wo(h)
+
+
+    def _fused(self, x: jax.Array) -> jax.Array | None:
+        """wo(act(wi x)) as one cpu_matmul.mlp where both matmuls run on the CPU kernel (`matmul`), the activation
+        is exact GELU or ReLU and there is no LoRA: the activation and its gradient are applied inside the
+        matmuls. None elsewhere."""
+        if self.gated or self.act_name not in cpu_matmul.ACTIVATIONS or self.wi.lora_rank or self.wo.lora_rank:
+            return None
+        wi, wo = self.wi, self.wo
+        if x.shape[-1:] != wi.in_shape:
+            raise ValueError(f"MLP expects trailing dim {wi.in_shape}, got input of shape {x.shape}")
+        x2 = x.reshape(-1, x.shape[-1]).astype(wi.dtype)
+        w1, w2 = wi.kernel[...].astype(wi.dtype), wo.kernel[...].astype(wo.dtype)
+        if wo.dtype != wi.dtype or not (cpu_matmul.usable(x2, w1) and cpu_matmul.usable(x2, w2.T)):
+            return None
+        bias = lambda m: None if m.bias is None else m.bias[...].astype(m.dtype)
+        y = cpu_matmul.mlp(x2, w1, bias(wi), w2, bias(wo), self.act_name)
+        return shard_batch(y.reshape(x.shape))
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int, max_timescale: float = 10000.0) -> jax.Array:

@@ -9,6 +9,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from llmjax.kernels import cpu_cross_entropy
+
 
 class LossSums(NamedTuple):
     """Sums over the weighted tokens of a batch. Add them across micro-batches/devices, then divide."""
@@ -73,14 +75,18 @@ def token_cross_entropy(
     `correct` is argmax(logits) == target."""
     logits = logits.astype(jnp.float32)  # the softmax in the compute dtype loses too much in bf16
     targets = targets.astype(jnp.int32)
-    lse, target_logit, mean_logit = _softmax_stats(logits, targets, bool(label_smoothing))
+    if cpu_cross_entropy.usable(logits):  # one CPU device: every statistic from one read of the logits
+        lse, target_logit, mean_logit, correct = cpu_cross_entropy.softmax_stats(logits, targets, bool(label_smoothing))
+    else:
+        lse, target_logit, mean_logit = _softmax_stats(logits, targets, bool(label_smoothing))
+        correct = argmax_matches(logits, targets, target_logit)
     loss = lse - target_logit  # -log p_target
     if label_smoothing:
         mean_log_p = mean_logit - lse  # (1/V) sum_v log p_v
         loss = (1.0 - label_smoothing) * loss - label_smoothing * mean_log_p
     if z_loss:
         loss = loss + z_loss * jnp.square(lse)
-    return loss, argmax_matches(logits, targets, target_logit)
+    return loss, correct
 
 
 def cross_entropy(
