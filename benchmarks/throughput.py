@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
 
     fv = parse_config_flags(argv, define=_define)
     cfg = fv.config
+    llmjax.keep_freed_host_memory()  # as `llmjax train` does
 
     import jax
     import numpy as np

@@ -4,8 +4,8 @@ Process settings for JAX on the CPU: this is the one place llmjax sets them. Imp
 its backend (every llmjax entry point does), when JAX may run on the CPU:
 - adds CPU_XLA_FLAGS to the environment when the user has not set XLA_FLAGS at all (set XLA_FLAGS yourself,
   even to an empty string, to opt out);
-- makes glibc's malloc keep freed memory for reuse (`_keep_freed_host_memory`; LLMJAX_KEEP_HOST_MEMORY=0 opts
-  out).
+and the commands that run many steps (`llmjax train`, `finetune`, `compare`, benchmarks/throughput.py) call
+`keep_freed_host_memory()` before JAX starts (LLMJAX_KEEP_HOST_MEMORY=0 opts out).
 """
 
 import os
@@ -27,14 +27,20 @@ def _set_cpu_xla_flags() -> None:
     os.environ["XLA_FLAGS"] = " ".join(CPU_XLA_FLAGS)
 
 
-def _keep_freed_host_memory() -> None:
-    """XLA:CPU allocates a step's temporaries as one block (~590 MiB for configs/bench_gpt.py) from an executor
+def keep_freed_host_memory() -> None:
+    """Make glibc's malloc keep freed memory for reuse, for a process about to run many steps on the CPU.
+
+    XLA:CPU allocates a step's temporaries as one block (~590 MiB for configs/bench_gpt.py) from an executor
     thread and frees it at the end of the step. glibc maps a block that large afresh on every allocation (a
     thread arena always does, the main arena above 32 MiB) and unmaps it when freed, so every step faulted it
     in again page by page: 157,000 page faults, about 10% of the step's time. One malloc arena, blocks taken
     from the heap instead of mapped on their own, and no trimming below 2 GiB of free memory keep it mapped and
     reused (0 page faults per step). The process then keeps its peak host memory, as a training job reaches it
-    again on every step anyway. glibc on Linux only; LLMJAX_KEEP_HOST_MEMORY=0 leaves malloc alone."""
+    again on every step anyway. The cost is in compiling: XLA's compiler threads then share one arena, and a
+    compile takes ~30% longer (gpt_tiny: 6.8 s against 5.2 s), which is why only the commands that run many steps
+    ask for it, and the test suite (compile-bound) turns it off. Call it before JAX runs anything: a thread
+    that has already allocated keeps its own arena. glibc on Linux, JAX on the CPU only;
+    LLMJAX_KEEP_HOST_MEMORY=0 leaves malloc alone."""
     if os.environ.get("LLMJAX_KEEP_HOST_MEMORY", "1") == "0" or not _may_run_on_cpu() or sys.platform != "linux":
         return
     import ctypes
@@ -53,4 +59,3 @@ def _keep_freed_host_memory() -> None:
 
 
 _set_cpu_xla_flags()
-_keep_freed_host_memory()

@@ -60,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     command = argv[1]
+    if command in ("train", "finetune", "compare"):  # many steps: reuse XLA:CPU's per-step host memory
+        import llmjax
+
+        llmjax.keep_freed_host_memory()
     if command in MODULE_COMMANDS:
         import importlib
 

@@ -13,6 +13,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"llmjax-tests-jax-cache-{os.getppid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The suite is compile-bound, and llmjax.keep_freed_host_memory() (what `llmjax train` asks for) makes compiles
+# ~30% slower for faster steps; tests/test_host_memory.py tests it on its own.
+os.environ.setdefault("LLMJAX_KEEP_HOST_MEMORY", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -22,17 +25,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # The longest tests (seconds on 2 busy cores), started first: pytest-xdist hands tests out in collection
 # order, so a long test collected last would make the suite end late while the other worker idles.
 LONGEST_FIRST = {
-    "test_tpu_compile.py::test_remat_reduces_compiled_temporary_memory_on_tpu": 155,
-    "test_compile.py::test_config_that_does_not_fit_says_so_and_suggests_a_fix": 64,
-    "test_compare.py::test_micro_grid_runs_resumes_and_reports": 59,
-    "test_launch.py::test_two_process_checkpoint_resumes_in_one_process": 52,
+    "test_tpu_compile.py::test_remat_reduces_compiled_temporary_memory_on_tpu": 113,
+    "test_compile.py::test_config_that_does_not_fit_says_so_and_suggests_a_fix": 57,
+    "test_compare.py::test_micro_grid_runs_resumes_and_reports": 50,
+    "test_launch.py::test_two_process_checkpoint_resumes_in_one_process": 53,
     "test_checkpoint.py::test_resume_after_sigkill_and_sigterm_is_bit_identical": 49,
-    "test_finetune.py::test_finetune_from_a_training_workdir": 44,  # + test_generate_cli's fill (same run)
-    "test_moe.py::test_moe_tiny_trains_and_validation_loss_falls": 43,
+    "test_finetune.py::test_finetune_from_a_training_workdir": 46,  # + test_generate_cli's fill (same run)
+    "test_moe.py::test_moe_tiny_trains_and_validation_loss_falls": 38,
     "test_slurm.py::test_slurm_two_task_training_job": 43,
     "test_multiprocess.py::test_two_processes_equal_one_process": 39,
     "test_finetune.py::test_text_to_text_with_lora_reports_exact_match_and_generates": 38,
-    "test_end_to_end.py::test_tiny_config_trains_and_validation_loss_falls": 36,
+    "test_end_to_end.py::test_tiny_config_trains_and_validation_loss_falls": 40,
     "test_launch.py::test_local_two_processes_train": 35,
     "test_checkpoint.py::test_saved_on_fsdp8_restores_on_4_and_1_devices_and_continues": 32,
     "test_train.py::test_remat_reduces_saved_activations_with_same_losses": 30,

@@ -1,5 +1,6 @@
-"""Importing llmjax makes glibc's malloc keep freed memory (llmjax._keep_freed_host_memory), so XLA:CPU's
-per-step temporary block is reused instead of mapped and faulted in again on every step."""
+"""llmjax.keep_freed_host_memory() (called by `llmjax train`, `finetune`, `compare` and the throughput benchmark)
+makes glibc's malloc keep freed memory, so XLA:CPU's per-step temporary block is reused instead of mapped and
+faulted in again on every step."""
 
 import json
 import os
@@ -11,7 +12,9 @@ import pytest
 
 SCRIPT = r"""
 import resource, sys, json
-import llmjax, jax, jax.numpy as jnp
+import llmjax
+llmjax.keep_freed_host_memory()  # a no-op with LLMJAX_KEEP_HOST_MEMORY=0
+import jax, jax.numpy as jnp
 
 @jax.jit
 def step(x, w):  # ~130 MiB of temporaries: float32 [2048, 4096] matmul outputs, several live at once
