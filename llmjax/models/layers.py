@@ -292,7 +292,6 @@ class MLP(nnx.Module):
             h = self.act(self.wi(x))
         return self.wo(h)
 
-
     def _fused(self, x: jax.Array) -> jax.Array | None:
         """wo(act(wi x)) as one cpu_matmul.mlp where both matmuls run on the CPU kernel (`matmul`), the activation
         is exact GELU or ReLU and there is no LoRA: the activation and its gradient are applied inside the

@@ -1,6 +1,10 @@
 """Compile the real sharded train step ahead of time for a TPU v5e 2x2 slice (libtpu on this CPU, no TPU
 needed) with and without full remat and print the compiler's per-chip memory analysis as one JSON line.
 
+At its lowest optimization effort the TPU compiler compiles this 4-layer step in ~11 s instead of ~30 s and
+rematerialises less by itself, so the policy's effect shows plainly (temporaries 263 MB without remat, 108 MB
+with full remat); at the default effort it showed at 3 layers (64 MB against 21 MB).
+
     python tpu_remat_memory.py    (in an environment that has libtpu installed)
 """
 
@@ -17,6 +21,8 @@ from llmjax import sharding as shd  # noqa: E402
 from llmjax import train  # noqa: E402
 from llmjax.models.config import ModelConfig  # noqa: E402
 
+jax.config.update("jax_exec_time_optimization_effort", -1.0)
+
 devices = topologies.get_topology_desc("v5e:2x2", "tpu").devices
 mesh = shd.make_mesh(shd.mesh_config(data=1, fsdp=4), devices)
 rules = shd.rules_dict(shd.DEFAULT_RULES)
@@ -28,7 +34,7 @@ batch_sh = {k: shd.batch_sharding(mesh, 2) for k in keys}
 batch = {k: jax.ShapeDtypeStruct((B, T), dt, sharding=batch_sh[k]) for k, dt in keys.items()}
 out = {}
 for remat in ("none", "full"):  # save_dots, in between, is checked on the CPU (tests/test_train.py)
-    cfg = ModelConfig(family="decoder", vocab_size=1024, d_model=256, num_layers=3, num_heads=4, mlp_dim=1024,
+    cfg = ModelConfig(family="decoder", vocab_size=1024, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024,
                       max_length=T, remat=remat, attention_kernel="reference")  # saves its [T, T] probabilities
     graphdef, abstract, state_sh = train.init_state_abstract(cfg, tx, mesh, rules, seed=0)
     step = train.make_train_step(graphdef, tx, state_sh, batch_sh)
