@@ -9,8 +9,11 @@ dependency); its thread count is set to 1 on load, which touches no other librar
 
 `matmul(x, w, bias)` computes x @ w (+ bias), `matmul(x, w, transpose_w=True)` x @ w.T (tied output
 embeddings); both are differentiable (the backward pass is two more calls of the same kernel: dx = g op(w)^T,
-dw = x^T g, or g^T x for a transposed w). llmjax.models.layers uses them on one CPU device for float32
-(`usable`); everywhere else, and with LLMJAX_CPU_KERNELS=0, it uses XLA's dot.
+dw = x^T g, or g^T x for a transposed w; the call computing dx also sums g's columns, the bias gradient).
+`mlp(x, w1, b1, w2, b2, "gelu" | "relu")` is a Linear-activation-Linear MLP whose activation is applied by the
+first matmul's call and whose activation gradient is applied by the call computing the hidden layer's gradient
+(no XLA pass over the [rows, hidden] activations for either). llmjax.models.layers uses them on one CPU device
+for float32 (`usable`); everywhere else, and with LLMJAX_CPU_KERNELS=0, it uses XLA's dot.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def usable(x: jax.Array, w: jax.Array) -> bool:
 # cpu_matmul.cc's `epilogue` attribute: an activation applied to the output (keeping the pre-activation), or
 # the gradient through that activation applied to the output, given the saved pre-activation.
 EPILOGUES = {None: 0, "gelu": 1, "relu": 2, "gelu_grad": 3, "relu_grad": 4}
-ACTIVATIONS = ("gelu", "relu")  # the activations `linear_act` / `mlp` fuse: exact GELU and ReLU
+ACTIVATIONS = ("gelu", "relu")  # the activations `mlp` applies inside its matmuls: exact GELU and ReLU
 
 
 def _call(a, b, bias=None, *, trans_a: bool = False, trans_b: bool = False, epilogue: str | None = None,
