@@ -13,7 +13,6 @@ False, the reason is logged once, and llmjax.models.attention uses the XLA kerne
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import platform
@@ -39,14 +38,10 @@ def available() -> bool:
         log.info("llmjax CPU attention kernel: this CPU has no AVX-512; using XLA's attention")
         return False
     try:
-        lib = ctypes.cdll.LoadLibrary(str(native.build("cpu_attention", FLAGS)))
-        jax.ffi.register_ffi_target("llmjax_attention_fwd", jax.ffi.pycapsule(lib.AttnFwd), platform="cpu")
-        jax.ffi.register_ffi_target("llmjax_attention_bwd", jax.ffi.pycapsule(lib.AttnBwd), platform="cpu")
-        jax.ffi.register_ffi_target("llmjax_attention_fwd_packed", jax.ffi.pycapsule(lib.AttnFwdPacked),
-                                    platform="cpu")
-        jax.ffi.register_ffi_target("llmjax_attention_bwd_packed", jax.ffi.pycapsule(lib.AttnBwdPacked),
-                                    platform="cpu")
-    except (OSError, RuntimeError) as e:
+        native.register("cpu_attention", FLAGS, {
+            "llmjax_attention_fwd": "AttnFwd", "llmjax_attention_bwd": "AttnBwd",
+            "llmjax_attention_fwd_packed": "AttnFwdPacked", "llmjax_attention_bwd_packed": "AttnBwdPacked"})
+    except (OSError, RuntimeError, AttributeError) as e:
         log.warning("llmjax CPU attention kernel unavailable (%s); using XLA's attention", e)
         return False
     return True

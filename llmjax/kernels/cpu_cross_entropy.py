@@ -9,7 +9,6 @@ logits (`usable`), XLA everywhere else and with LLMJAX_CPU_KERNELS=0.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 
@@ -29,10 +28,8 @@ def available() -> bool:
     if not native.enabled():
         return False
     try:
-        lib = ctypes.cdll.LoadLibrary(str(native.build("cpu_cross_entropy", FLAGS)))
-        jax.ffi.register_ffi_target("llmjax_softmax_stats", jax.ffi.pycapsule(lib.SoftmaxStats), platform="cpu")
-        jax.ffi.register_ffi_target("llmjax_softmax_stats_bwd", jax.ffi.pycapsule(lib.SoftmaxStatsBwd),
-                                    platform="cpu")
+        native.register("cpu_cross_entropy", FLAGS, {"llmjax_softmax_stats": "SoftmaxStats",
+                                                     "llmjax_softmax_stats_bwd": "SoftmaxStatsBwd"})
     except (AttributeError, OSError, RuntimeError) as e:
         log.warning("llmjax CPU cross-entropy kernel unavailable (%s); using XLA's", e)
         return False
@@ -43,7 +40,7 @@ def usable(logits: jax.Array) -> bool:
     """Whether `softmax_stats` should run on the kernel: float32 logits with a non-empty vocabulary, traced for one
     CPU device (the kernel is not partitioned), and the kernel available."""
     return (logits.ndim >= 1 and logits.dtype == jnp.float32 and logits.shape[-1] > 0
-            and logits.size < 2**31 and native.platform() == "cpu" and native.one_device() and available())
+            and native.platform() == "cpu" and native.one_device() and available())
 
 
 def _f32(*shape):
@@ -78,8 +75,7 @@ _stats.defvjp(_stats_fwd, _stats_bwd)
 def softmax_stats(logits: jax.Array, targets: jax.Array, with_mean: bool):
     """(logsumexp, target logit, mean logit or None, argmax == target) over the last axis of float32 logits
     [..., V] with integer targets [...]; differentiable in the logits."""
-    if not available():
-        raise RuntimeError("the llmjax CPU cross-entropy kernel is unavailable here (see the warning logged above)")
+    native.require(available(), "cross-entropy")
     lead = logits.shape[:-1]
     out = _stats(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1).astype(jnp.int32), with_mean)
     return tuple(None if a is None else a.reshape(lead) for a in out)

@@ -45,9 +45,8 @@ def available() -> bool:
 
         blas = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True)))
         blas.scipy_openblas_set_num_threads(1)  # one sgemm per core, run by XLA's thread pool
-        lib = ctypes.cdll.LoadLibrary(str(native.build("cpu_matmul", FLAGS)))
+        lib = native.register("cpu_matmul", FLAGS, {"llmjax_matmul": "Matmul"})
         lib.LlmjaxSetSgemm(ctypes.cast(blas.scipy_cblas_sgemm, ctypes.c_void_p))
-        jax.ffi.register_ffi_target("llmjax_matmul", jax.ffi.pycapsule(lib.Matmul), platform="cpu")
     except (ImportError, AttributeError, OSError, RuntimeError) as e:
         log.warning("llmjax CPU matmul kernel unavailable (%s); using XLA's dot", e)
         return False
@@ -104,7 +103,7 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 def matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *, transpose_w: bool = False) -> jax.Array:
     """x [M, K] @ w [K, N] (or w.T for w [N, K] with transpose_w) + bias [N], float32, on one CPU device."""
-    _require()
+    native.require(available(), "matmul")
     return _matmul(x, w, bias, transpose_w)
 
 
@@ -139,11 +138,5 @@ def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array | None, w2: jax.Array, b2: ja
     calls that read the output gradients."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"cpu_matmul.mlp: activation {activation!r} is not one of {ACTIVATIONS}")
-    _require()
+    native.require(available(), "matmul")
     return _mlp(x, w1, b1, w2, b2, activation)
-
-
-def _require():
-    if not available():
-        raise RuntimeError("the llmjax CPU matmul kernel is unavailable here (see the warning logged above); "
-                           "llmjax.models.layers.matmul falls back to XLA's dot by itself")

@@ -65,6 +65,25 @@ def build(name: str, flags: tuple[str, ...]) -> Path:
     return out
 
 
+def register(name: str, flags: tuple[str, ...], targets: dict[str, str]):
+    """Build (`build`) and load HERE/<name>.cc and register its XLA FFI handlers for the CPU, {target name: exported
+    handler symbol}; returns the loaded library. Raises OSError, RuntimeError (a failed build) or AttributeError (a
+    missing symbol): each kernel's `available()` turns those into a logged fallback."""
+    import ctypes
+
+    lib = ctypes.cdll.LoadLibrary(str(build(name, flags)))
+    for target, symbol in targets.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return lib
+
+
+def require(available: bool, kernel: str) -> None:
+    """Raise if a kernel called directly (not through the model code, which checks `usable` first) cannot run."""
+    if not available:
+        raise RuntimeError(f"the llmjax CPU {kernel} kernel is unavailable here (see the warning logged when it "
+                           "was first asked for); the model code falls back to XLA by itself")
+
+
 def platform() -> str:
     """The platform being compiled for: the mesh context's devices (e.g. a TPU topology compiled for on a CPU
     host), else the default backend."""

@@ -303,7 +303,7 @@ class MLP(nnx.Module):
             raise ValueError(f"MLP expects trailing dim {wi.in_shape}, got input of shape {x.shape}")
         x2 = x.reshape(-1, x.shape[-1]).astype(wi.dtype)
         w1, w2 = wi.kernel[...].astype(wi.dtype), wo.kernel[...].astype(wo.dtype)
-        if wo.dtype != wi.dtype or not (cpu_matmul.usable(x2, w1) and cpu_matmul.usable(x2, w2.T)):
+        if wo.dtype != wi.dtype or not (cpu_matmul.usable(x2, w1) and cpu_matmul.usable(x2, w2)):
             return None
         bias = lambda m: None if m.bias is None else m.bias[...].astype(m.dtype)
         y = cpu_matmul.mlp(x2, w1, bias(wi), w2, bias(wo), self.act_name)
