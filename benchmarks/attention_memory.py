@@ -7,11 +7,13 @@ the reference kernel (materialises the [T, S] scores) about quadratically. Compi
 
 from __future__ import annotations
 
-import llmjax  # noqa: F401  (llmjax's XLA CPU flags, before JAX starts)
-
 import argparse
 import sys
 import time
+
+from llmjax import runtime
+
+runtime.prepare_process(many_steps=False)  # llmjax's XLA CPU flags, before JAX starts
 
 
 def temp_bytes(kernel: str, length: int, *, batch: int, heads: int, head_dim: int, block: int) -> int:

@@ -3,14 +3,13 @@ achieved FLOP/s, MFU, compile time and memory per device. JSON in benchmarks/res
 
     python -m benchmarks.throughput --config configs/bench_gpt.py [--steps 20] [--config.x=y ...]
 
-The step is llmjax.train's (init_state + make_train_step, state donated) on a synthetic batch of random
-tokens with the config's shapes; MFU is against --peak_flops or, by default, the FLOP/s of a large float32
+The step is the one `llmjax train` runs (llmjax.state.init_state + llmjax.step.make_train_step, state
+donated), built by llmjax.compile.build_train_step, on a synthetic batch of random tokens with the config's
+shapes; MFU is against --peak_flops or, by default, the FLOP/s of a large float32
 matmul measured in the same run (llmjax.metrics).
 """
 
 from __future__ import annotations
-
-import llmjax  # noqa: F401  (sets llmjax's XLA CPU flags before JAX starts its backend)
 
 import statistics
 import sys
@@ -29,11 +28,12 @@ def _define(fv):
 
 
 def main(argv: list[str]) -> int:
-    from llmjax.cli import parse_config_flags
+    from llmjax import runtime
+    from llmjax.cli.flags import parse_config_flags
 
+    runtime.prepare_process(many_steps=True)  # as `llmjax train` does, before JAX starts
     fv = parse_config_flags(argv, define=_define)
     cfg = fv.config
-    llmjax.keep_freed_host_memory()  # as `llmjax train` does
 
     import jax
     import numpy as np
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     from benchmarks.common import machine_info, peak_rss_bytes, table, write_result
     from llmjax import metrics
     from llmjax.compile import build_train_step, random_batch, step_flops
-    from llmjax.train import global_batch
+    from llmjax.step import global_batch
 
     t0 = time.perf_counter()
     parts = build_train_step(cfg)

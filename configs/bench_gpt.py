@@ -5,26 +5,13 @@ batch 8, float32, no dropout (23.2M parameters): the shape of the nanoGPT compar
 """
 
 from llmjax.config import base_config
+from llmjax.presets import model_preset
 
 
 def get_config():
-    cfg = base_config(
-        objective="causal_lm",
-        family="decoder",
-        vocab_size=8192,
-        d_model=512,
-        num_layers=6,
-        num_heads=8,
-        mlp_dim=2048,
-        activation="gelu",  # exact GELU, as torch.nn.functional.gelu
-        norm="layernorm",
-        norm_position="pre",
-        position="learned",
-        max_length=256,
-        tie_embeddings=True,
-        dropout_rate=0.0,
-        attention_dropout_rate=0.0,
-    )
+    cfg = base_config(objective="causal_lm",
+                      **model_preset("gpt2", "tiny", d_model=512, num_layers=6, num_heads=8, mlp_dim=2048,
+                                     activation="gelu"))  # exact GELU, as torch.nn.functional.gelu
     cfg.train.update(steps=1000, batch_size=8, seq_length=256)
     cfg.optim.update(learning_rate=3e-4, warmup_steps=10)
     cfg.mesh.update(data=1)

@@ -1,28 +1,12 @@
 """BERT-base (Devlin et al. 2019): 12 layers, d_model 768, 12 heads, 110M parameters, MLM + NSP."""
 
 from llmjax.config import base_config
+from llmjax.presets import model_preset
 
 
 def get_config():
-    cfg = base_config(
-        objective="mlm",
-        family="encoder",
-        vocab_size=30522,
-        d_model=768,
-        num_layers=12,
-        num_heads=12,
-        mlp_dim=3072,
-        activation="gelu",
-        norm="layernorm",
-        norm_eps=1e-12,
-        norm_position="post",
-        position="learned",
-        max_length=512,
-        type_vocab_size=2,
-        tie_embeddings=True,
-        dropout_rate=0.1,
-        attention_dropout_rate=0.1,
-    )
+    cfg = base_config(objective="mlm",
+                      **model_preset("bert", "base", dropout_rate=0.1, attention_dropout_rate=0.1))
     cfg.train.update(steps=1_000_000, batch_size=256, seq_length=512, eval_every=10_000)
     cfg.optim.update(learning_rate=1e-4, warmup_steps=10_000, schedule="linear", min_lr_ratio=0.0, b2=0.999,
                      weight_decay=0.01)

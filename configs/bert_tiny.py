@@ -4,26 +4,11 @@
 """
 
 from llmjax.config import base_config
+from llmjax.presets import model_preset
 
 
 def get_config():
-    cfg = base_config(
-        objective="mlm",
-        family="encoder",
-        vocab_size=8192,
-        d_model=256,
-        num_layers=4,
-        num_heads=4,
-        mlp_dim=1024,
-        activation="gelu",
-        norm="layernorm",
-        norm_eps=1e-12,
-        norm_position="post",
-        position="learned",
-        max_length=256,
-        type_vocab_size=2,
-        tie_embeddings=True,
-    )
+    cfg = base_config(objective="mlm", **model_preset("bert", "tiny"))
     cfg.train.update(steps=300, batch_size=16, seq_length=128)
     cfg.optim.update(learning_rate=1e-3, warmup_steps=30, b2=0.98)
     return cfg

@@ -28,17 +28,27 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 from grain import checkpoint as grain_checkpoint
+from jax.experimental import multihost_utils
 
-from llmjax.models.config import ConfigError
+from llmjax import sharding as shd
+from llmjax.data.shards import TOKENIZER_FILE
+from llmjax.models.config import ConfigError, ModelConfig
+from llmjax.models.transformer import build_model
+from llmjax.params import build_with_params, flatten, key_name
+from llmjax.state import init_state_abstract, make_optimizer
 
 log = logging.getLogger("llmjax")
 
@@ -46,18 +56,10 @@ CHECKPOINTS = "checkpoints"
 CORRUPT = "checkpoints_corrupt"
 EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "config.json"
-TOKENIZER_FILE = "tokenizer.model"  # a run's tokenizer, copied into WORKDIR and into exports
 BEST = "best"  # WORKDIR/best: parameters of the step with the lowest validation loss (train.keep_best)
 
 
 # -------------------------------------------------------------------------------------- state <-> tree
-def _name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def _is_key(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
@@ -69,7 +71,7 @@ def to_tree(state) -> dict:
     out: dict = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
         node = out
-        names = [_name(k) for k in path]
+        names = [key_name(k) for k in path]
         for n in names[:-1]:
             node = node.setdefault(n, {})
         if _is_key(leaf):
@@ -86,7 +88,7 @@ def from_tree(tree: dict, like):
     for path, ref in paths:
         node = tree
         for k in path:
-            node = node[_name(k)]
+            node = node[key_name(k)]
         if _is_key(ref):
             impl = jax.random.key_impl(ref) if isinstance(ref, jax.Array) else None
             node = jax.random.wrap_key_data(node, impl=impl) if impl is not None else jax.random.wrap_key_data(node)
@@ -106,7 +108,7 @@ def abstract_tree(state, shardings) -> dict:
     out: dict = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         node = out
-        names = [_name(k) for k in path]
+        names = [key_name(k) for k in path]
         for n in names[:-1]:
             node = node.setdefault(n, {})
         node[names[-1]] = leaf
@@ -142,22 +144,14 @@ def read_data_state(step_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------- config check
 def _structure(cfg) -> dict:
     """{path: (shape, dtype)} of the train state this config builds (abstractly: no arrays allocated)."""
-    from flax import nnx
-
-    from llmjax.models.config import ModelConfig
-    from llmjax.models.transformer import build_model
-    from llmjax.train import make_optimizer
-
     model_cfg = ModelConfig.from_dict(cfg["model"])
     abstract = nnx.eval_shape(lambda: build_model(model_cfg, 0))
     _, params, rest = nnx.split(abstract, nnx.Param, ...)
-    import ml_collections
-
     tx = make_optimizer(ml_collections.ConfigDict(cfg["optim"]), int(cfg["train"]["steps"]))
     opt = jax.eval_shape(tx.init, params)
     tree = {"params": params, "rest": rest, "opt_state": opt}
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(_name(k) for k in p): (tuple(x.shape), str(x.dtype)) for p, x in flat}
+    return {"/".join(key_name(k) for k in p): (tuple(x.shape), str(x.dtype)) for p, x in flat}
 
 
 def check_compatible(saved: dict, current: dict, where: str) -> None:
@@ -217,8 +211,6 @@ class Preemption:
 
     def reached(self, step: int) -> bool:
         if self._distributed:
-            from jax.experimental import multihost_utils
-
             try:
                 return multihost_utils.reached_preemption_sync_point(step)
             except RuntimeError:
@@ -316,10 +308,7 @@ class Checkpoints:
                 target = dest / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
                 os.replace(self.directory / str(s), target)
                 log.warning("moved the bad checkpoint %s to %s", self.directory / str(s), target)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("llmjax_checkpoint_move_aside")
+        shd.sync("llmjax_checkpoint_move_aside")
         self.manager.reload()
 
     def wait(self) -> None:
@@ -337,12 +326,6 @@ class Checkpoints:
 def load_latest(workdir, mesh_cfg=None):
     """(TrainState, step, config dict) of WORKDIR's newest good checkpoint, restored onto the mesh `mesh_cfg`
     (a `mesh` config section; default: all devices on the data axis) with the checkpoint's sharding rules."""
-    import ml_collections
-
-    from llmjax import sharding as shd
-    from llmjax.models.config import ModelConfig
-    from llmjax.train import init_state_abstract, make_optimizer
-
     ck = Checkpoints(workdir)
     cfg_json = None
     for s in ck.steps():
@@ -375,8 +358,6 @@ def export(workdir, out) -> int:
     write_params(out, state.params.to_pure_dict(), cfg_json, exported_step=step)
     tokenizer = Path(workdir) / TOKENIZER_FILE
     if jax.process_index() == 0 and tokenizer.is_file():
-        import shutil
-
         shutil.copyfile(tokenizer, Path(out) / TOKENIZER_FILE)
     return step
 
@@ -391,11 +372,9 @@ def write_params(out, params, cfg_json: dict, **extra) -> None:
     tmp = out.with_name(out.name + ".tmp")
     old = out.with_name(out.name + ".old")
     if jax.process_index() == 0:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written one from a killed run
         tmp.mkdir(parents=True)
-    _sync("llmjax_write_params_start")
+    shd.sync("llmjax_write_params_start")
     with ocp.StandardCheckpointer() as w:
         w.save(tmp / EXPORT_PARAMS, params, force=True)
     if jax.process_index() == 0:
@@ -404,17 +383,8 @@ def write_params(out, params, cfg_json: dict, **extra) -> None:
             os.replace(out, old)
         os.replace(tmp, out)
         if old.exists():
-            import shutil
-
             shutil.rmtree(old)
-    _sync("llmjax_write_params_done")
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+    shd.sync("llmjax_write_params_done")
 
 
 def read_best(workdir) -> tuple[int, float] | None:
@@ -434,12 +404,6 @@ def save_best(workdir, step: int, state, loss: float, cfg_json: dict) -> None:
 
 def load_exported(directory):
     """(model, config dict) from an export directory: the model built from config.json with the parameters."""
-    from flax import nnx
-
-    from llmjax.finetune import build_with_params, unnest
-    from llmjax.models.config import ModelConfig
-    from llmjax.models.transformer import build_model
-
     directory = Path(directory).absolute()
     cfg = json.loads((directory / EXPORT_CONFIG).read_text())
     model_cfg = ModelConfig.from_dict(cfg["model"])
@@ -448,4 +412,19 @@ def load_exported(directory):
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params.to_pure_dict())
     with ocp.StandardCheckpointer() as r:
         loaded = r.restore(directory / EXPORT_PARAMS, abstract)
-    return build_with_params(model_cfg, unnest(loaded)), cfg
+    return build_with_params(model_cfg, flatten(loaded)), cfg
+
+
+def stored_array_bytes(directory) -> int:
+    """Bytes of the arrays an Orbax checkpoint directory holds, from its metadata (shape x dtype): what it
+    stores, independent of how the files happened to be batched and compressed on disk."""
+    absl_log = logging.getLogger("absl")  # Orbax warns that a plain state directory has no step metadata
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        with ocp.StandardCheckpointer() as reader:
+            tree = reader.metadata(Path(directory).absolute()).item_metadata
+    finally:
+        absl_log.setLevel(level)
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)

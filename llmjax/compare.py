@@ -38,8 +38,26 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from llmjax import checkpoint, loop
+from llmjax import sharding as shd
+from llmjax.config import base_config, load_config, objective_config_for
+from llmjax.data import pipeline
+from llmjax.data.pipeline import batch_spec
+from llmjax.data.prepare import default_data_config, prepare
+from llmjax.data.shards import TOKENIZER_FILE, TokenShards
+from llmjax.data.tokenizer import Tokenizer
+from llmjax.metrics import read_metrics
 from llmjax.models.config import ConfigError, ModelConfig
+from llmjax.models.flops import train_flops
+from llmjax.models.layers import Linear, count_params
+from llmjax.models.transformer import build_model
+from llmjax.objectives import decoder_example, encoder_decoder_example, losses, make_objective
+from llmjax.objectives.span_corruption import corrupt
+from llmjax.state import TrainState, make_optimizer, replicated_state
+from llmjax.step import batch_shardings, global_batch, make_eval_step, make_train_step
+from llmjax.train import train_and_evaluate
 
 log = logging.getLogger("llmjax")
 
@@ -51,7 +69,6 @@ YARDSTICKS = ("continuation_ppl", "infill_accuracy", "probe_accuracy")
 # ------------------------------------------------------------------------------------------------ grid
 def default_grid() -> ml_collections.ConfigDict:
     """The fields a grid file sets (its get_grid() starts from this)."""
-    from llmjax.data.prepare import default_data_config
 
     g = ml_collections.ConfigDict()
     g.budget_flops = 1e13  # training FLOPs of every cell
@@ -70,7 +87,6 @@ def default_grid() -> ml_collections.ConfigDict:
 
 
 def load_grid(path) -> ml_collections.ConfigDict:
-    from llmjax.config import load_config
 
     try:
         grid = load_config(path, "get_grid", "configs/compare/objectives.py", "--grid")
@@ -103,7 +119,6 @@ def check_grid(grid) -> None:
 def cell_config(grid, cell: dict, data_root) -> ml_collections.ConfigDict:
     """The run config of one cell: its model and objective, the grid's shared data/train/optim sections,
     and the number of steps that spends grid.budget_flops (steps set by `budget_steps`)."""
-    from llmjax.config import base_config
 
     cfg = base_config(objective=cell["objective"], **dict(cell["model"]))
     cfg.data.update(grid.data.to_dict())
@@ -121,10 +136,6 @@ def cell_config(grid, cell: dict, data_root) -> ml_collections.ConfigDict:
 
 def flops_per_step(cfg, ids) -> float:
     """Training FLOPs of one global batch of this config: every row a full packed example."""
-    from llmjax.data.pipeline import batch_spec
-    from llmjax.models.flops import train_flops
-    from llmjax.objectives import make_objective
-    from llmjax.train import objective_config_for
 
     model_cfg = ModelConfig.from_dict(cfg.model)
     objective = make_objective(cfg.objective, ids, model_cfg.family, **objective_config_for(cfg))
@@ -143,9 +154,6 @@ def budget_steps(cfg, ids, budget: float) -> tuple[int, float]:
 def compare(grid, workdir, *, max_cells: int | None = None, progress: bool = False) -> dict:
     """Run every unfinished cell (at most `max_cells` of them), then write the outputs from all finished
     cells. Returns the results dict written to results.json."""
-    from llmjax.data.prepare import prepare
-    from llmjax.data.shards import TOKENIZER_FILE
-    from llmjax.data.tokenizer import Tokenizer
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -206,10 +214,6 @@ def collect(grid, workdir) -> dict:
 # ------------------------------------------------------------------------------------------ one cell
 def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, tokenizer, *,
              progress: bool = False) -> dict:
-    from llmjax import checkpoint
-    from llmjax.metrics import read_metrics
-    from llmjax.models.layers import count_params
-    from llmjax.train import train_and_evaluate
 
     t0 = time.time()
     cfg = cell_config(grid, cell, data_root)
@@ -248,7 +252,6 @@ def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, token
 
 
 def _model_from(model_cfg: ModelConfig, state):
-    from llmjax.models.transformer import build_model
 
     graphdef, _, _ = nnx.split(nnx.eval_shape(lambda: build_model(model_cfg, 0)), nnx.Param, ...)
     return nnx.merge(graphdef, state.params, state.rest, copy=True)
@@ -258,7 +261,6 @@ def _model_from(model_cfg: ModelConfig, state):
 def validation_windows(data_dir: Path, ys) -> np.ndarray:
     """[N, window_length]: the first `eval_windows` non-overlapping windows of `window_length` tokens of the
     validation split."""
-    from llmjax.data.shards import TokenShards
 
     val = TokenShards(data_dir, "validation")
     n, out = int(ys.window_length), []
@@ -296,7 +298,6 @@ def _segments(batch: dict, key: str, prefix: str = "") -> None:
 def _decoder_rows(pairs, ids, prefix_lm: bool, scored=None) -> dict:
     """(prefix, target) pairs -> a padded decoder batch; weights on the target tokens (or on `scored`
     positions of the target, a per-row slice)."""
-    from llmjax.objectives import decoder_example
 
     rows = []
     for i, (p, t) in enumerate(pairs):
@@ -317,7 +318,6 @@ def _decoder_rows(pairs, ids, prefix_lm: bool, scored=None) -> dict:
 
 
 def _encdec_rows(pairs, ids, scored=None) -> dict:
-    from llmjax.objectives import encoder_decoder_example
 
     rows = []
     for i, (e, t) in enumerate(pairs):
@@ -339,7 +339,6 @@ def _encdec_rows(pairs, ids, scored=None) -> dict:
 @nnx.jit
 def _scored(model, batch):
     """LossSums (summed cross-entropy, weight, correct) of the weighted target tokens of one batch."""
-    from llmjax.objectives import losses
 
     family = model.cfg.family
     if family == "decoder":
@@ -385,7 +384,6 @@ def continuation_perplexity(model, windows: np.ndarray, ids, ys) -> float:
 def infill_accuracy(model, objective: str, windows: np.ndarray, ids, ys, *, bidirectional_inputs: bool = True) -> float:
     """Teacher-forced accuracy on a span of `infill_span` tokens in the middle of every window, hidden in
     the format of the model's own objective (bidirectional_inputs: span corruption's decoder option)."""
-    from llmjax.objectives.span_corruption import corrupt
 
     k = int(ys.infill_span)
     n = windows.shape[1]
@@ -433,9 +431,6 @@ def infill_accuracy(model, objective: str, windows: np.ndarray, ids, ys, *, bidi
 def lm_adapt(model_cfg: ModelConfig, state, cfg, data_dir: Path, ys):
     """`lm_adapt_steps` more steps of causal LM (decoder) or prefix LM (encoder-decoder) from `state`'s
     parameters with a fresh optimizer; returns the adapted model."""
-    from llmjax import sharding as shd
-    from llmjax.data import pipeline
-    from llmjax.train import global_batch
 
     objective = "causal_lm" if model_cfg.family == "decoder" else "prefix_lm"
     length_key = "max_length"
@@ -447,32 +442,24 @@ def lm_adapt(model_cfg: ModelConfig, state, cfg, data_dir: Path, ys):
     optim = ml_collections.ConfigDict(cfg.optim.to_dict())
     optim.update(learning_rate=float(ys.lm_adapt_learning_rate), warmup_steps=min(10, steps // 4), schedule="constant")
     mesh = shd.make_mesh(shd.mesh_config())
-    fitted = _fit(_model_from(model_cfg, state), optim, steps, (global_batch(next(it), mesh) for _ in range(steps)),
+    fitted = _fit(_model_from(model_cfg, state), optim, steps, (next(it) for _ in range(steps)),
                   mesh)
     it.close() if hasattr(it, "close") else None
     return fitted
 
 
 def _fit(model, optim_cfg, steps: int, batches, mesh, *, loss_fn=None, weights_fn=None):
-    """`steps` optimizer steps of the shared train step on `model` (parameters replicated: the small
-    models of a comparison), returning the trained model."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from llmjax.train import TrainState, make_optimizer, make_train_step
-
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    """`steps` steps of the shared training loop on `model` (parameters replicated: the small models of a
+    comparison; nothing written, no evaluation), returning the trained model."""
     tx = make_optimizer(optim_cfg, steps)
-    replicated = NamedSharding(mesh, P())
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
-    state_sh = jax.tree.map(lambda _: replicated, state)
-    state = jax.device_put(state, state_sh, may_alias=False)  # a copy: the step donates it, `model` stays valid
-    step_fn = None
-    for batch in batches:
-        if step_fn is None:
-            batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-            step_fn = make_train_step(graphdef, tx, state_sh, batch_sh, loss_fn=loss_fn, weights_fn=weights_fn)
-        state, _ = step_fn(state, batch)
-    return nnx.merge(graphdef, state.params, state.rest, copy=True)
+    graphdef, state, state_sh = replicated_state(model, tx, mesh)
+    first = next(batches)
+    step_fn = make_train_step(graphdef, tx, state_sh, batch_shardings(mesh, first), loss_fn=loss_fn,
+                              weights_fn=weights_fn)
+    tc = ml_collections.ConfigDict(dict(steps=steps, log_every=steps, eval_every=steps))
+    result = loop.fit(step_fn, loop.Start(graphdef, state, state_sh), batches, tc, mesh, first_batch=first,
+                      progress=False, desc="adapt")
+    return loop.model_of(graphdef, result.state)
 
 
 # ------------------------------------------------------------------------------------------- the probe
@@ -481,8 +468,6 @@ class Probe(nnx.Module):
     (decoder: the decoder stack; encoder and encoder-decoder: the encoder)."""
 
     def __init__(self, backbone, num_classes: int, *, rngs: nnx.Rngs):
-        from llmjax.models.layers import Linear
-
         self.backbone = backbone
         self.cfg = backbone.cfg
         self.head = Linear(self.cfg.d_model, num_classes, axes=("embed", None), use_bias=True,
@@ -491,8 +476,7 @@ class Probe(nnx.Module):
     def features(self, tokens, segment_ids, positions, deterministic=True):
         b = self.backbone
         if self.cfg.family == "decoder":
-            x = b.embedder(tokens, positions, deterministic=deterministic)
-            x, _ = b.decoder(x, segment_ids, positions, deterministic=deterministic)
+            x, _ = b.hidden(tokens, segment_ids, positions, deterministic=deterministic)
         else:
             x = b.encode(tokens, segment_ids, positions, deterministic=deterministic)
         real = (segment_ids > 0).astype(jnp.float32)[..., None]
@@ -503,7 +487,6 @@ class Probe(nnx.Module):
 
 
 def _probe_loss(model, batch, *, label_smoothing=0.0, z_loss=0.0, deterministic=True):
-    from llmjax.objectives import losses
 
     logits = model(batch["inputs"], batch["segment_ids"], batch["positions"], deterministic)
     sums = losses.cross_entropy(logits, batch["labels"], batch["label_weights"], label_smoothing=label_smoothing)
@@ -539,9 +522,6 @@ def probe_examples(shards, kinds: tuple[str, str], length: int, count: int, seed
 
 def probe_accuracy(model_cfg: ModelConfig, state, cfg, data_dir: Path, tokenizer, ys, *, seed: int) -> float:
     """Fine-tune the pretrained model + a linear head to tell documentation from code; held-out accuracy."""
-    from llmjax import sharding as shd
-    from llmjax.data.shards import TokenShards
-    from llmjax.train import TrainState, global_batch, make_eval_step
 
     train_sh, val_sh = TokenShards(data_dir, "train"), TokenShards(data_dir, "validation")
     kinds = ("doc", "code")
@@ -566,7 +546,7 @@ def probe_accuracy(model_cfg: ModelConfig, state, cfg, data_dir: Path, tokenizer
     def train_batches():
         for _ in range(int(ys.probe_steps)):
             idx = rng.choice(len(x_train), bs, replace=False)
-            yield global_batch(batch(x_train[idx], y_train[idx]), mesh)
+            yield batch(x_train[idx], y_train[idx])
 
     probe = Probe(_model_from(model_cfg, state), len(kinds), rngs=nnx.Rngs(params=seed))
     optim = ml_collections.ConfigDict(cfg.optim.to_dict())
@@ -575,8 +555,6 @@ def probe_accuracy(model_cfg: ModelConfig, state, cfg, data_dir: Path, tokenizer
     tuned = _fit(probe, optim, int(ys.probe_steps), train_batches(), mesh, loss_fn=_probe_loss,
                  weights_fn=_probe_weights)
     graphdef, params, rest = nnx.split(tuned, nnx.Param, ...)
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     state_tree = TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=())
     state_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), state_tree)
     correct = weight = 0.0
@@ -621,7 +599,7 @@ def results_table(results: dict) -> str:
 
 
 def write_outputs(results: dict, workdir) -> None:
-    import matplotlib
+    import matplotlib  # heavy: imported by the one function that plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -668,31 +646,3 @@ def write_outputs(results: dict, workdir) -> None:
     fig.tight_layout()
     fig.savefig(workdir / "yardsticks.png", dpi=110)
     plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def compare_main(args: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="llmjax compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--grid", required=True, help="grid file with get_grid(), e.g. configs/compare/objectives.py")
-    parser.add_argument("--workdir", required=True, help="cells, RESULTS.md, results.json and plots go here")
-    parser.add_argument("--max-cells", type=int, default=None, help="train at most this many unfinished cells")
-    parser.add_argument("--budget-flops", type=float, default=None, help="override the grid's budget_flops")
-    ns = parser.parse_args(args)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        grid = load_grid(ns.grid)
-        if ns.budget_flops is not None:
-            grid.budget_flops = ns.budget_flops
-        results = compare(grid, ns.workdir, max_cells=ns.max_cells)
-    except ConfigError as e:
-        raise SystemExit(f"llmjax compare: {e}") from None
-    print(results_table(results))
-    print(f"wrote {Path(ns.workdir) / 'RESULTS.md'}, results.json, loss_vs_flops.png, yardsticks.png")
-    failed = [r["name"] for r in results["cells"] if r["status"] == "failed"]
-    if failed:
-        print(f"failed cells: {', '.join(failed)} (see {Path(ns.workdir) / CELLS}/<name>/error.txt); run again to "
-              "retry them", flush=True)
-        return 1
-    return 0

@@ -11,15 +11,32 @@ shared with benchmarks/throughput.py.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
 import sys
 from pathlib import Path
 
-LIBTPU = "libtpu==0.0.42.1"  # the release jax[tpu]==0.10.2 asks for; also the `tpu` extra of pyproject.toml
-TPU_VENV_ENV = "LLMJAX_TPU_VENV"
+import jax
+import numpy as np
+from jax.experimental import topologies
+
+from llmjax import sharding as shd
+from llmjax.config import objective_config_for
+from llmjax.data import pipeline
+from llmjax.data.vocab import SpecialIds
+from llmjax.kernels.dispatch import resolve_kernel
+from llmjax.models.config import ModelConfig
+from llmjax.models.flops import train_flops
+from llmjax.objectives import make_objective
+from llmjax.objectives.loss import objective_loss
+from llmjax.state import init_state, init_state_abstract, learning_rate_schedule, make_optimizer
+from llmjax.step import make_train_step
+
+# The release jax[tpu]==0.10.2 asks for. The one home of this pin: the tests import it, and the `tpu` extra of
+# pyproject.toml, which cannot import it, is checked against it (tests/test_compile.py).
+LIBTPU = "libtpu==0.0.42.1"
+LIBTPU_DIR_ENV = "LLMJAX_LIBTPU_DIR"
 GIB = 1024 ** 3
 
 # Per chip: HBM bytes and dense bf16 peak FLOP/s (Google Cloud TPU datasheets), by generation.
@@ -31,19 +48,17 @@ CHIPS = {
 }
 
 
-def default_tpu_venv() -> Path:
-    return Path(os.environ.get(TPU_VENV_ENV, Path.home() / ".cache" / "llmjax" / "tpu-venv"))
+def default_libtpu_dir() -> Path:
+    """The directory of its own that holds libtpu (`pip install --target`), keyed by its version: outside every
+    environment (libtpu makes JAX look for a TPU at start-up), put on sys.path by `llmjax compile` alone."""
+    version = LIBTPU.split("==")[1]
+    return Path(os.environ.get(LIBTPU_DIR_ENV, Path.home() / ".cache" / "llmjax" / f"libtpu-{version}"))
 
 
 # --------------------------------------------------------------------------------------- the real step
 def synthetic_batch_spec(cfg, model_cfg) -> dict:
     """{key: jax.ShapeDtypeStruct} of one global batch of `cfg`'s objective and shapes, exactly the keys,
     shapes and dtypes the data pipeline produces (built from the objective, no tokenizer needed)."""
-    from llmjax.data import pipeline
-    from llmjax.data.vocab import SpecialIds
-    from llmjax.objectives import make_objective
-    from llmjax.train import objective_config_for
-
     ids = SpecialIds(int(cfg.data.vocab_size), int(cfg.data.get("num_sentinels", 100)))
     objective = make_objective(cfg.objective, ids, model_cfg.family, **objective_config_for(cfg))
     return pipeline.batch_spec(objective, int(cfg.train.batch_size))
@@ -51,8 +66,6 @@ def synthetic_batch_spec(cfg, model_cfg) -> dict:
 
 def random_batch(spec: dict, vocab_size: int, seed: int = 0) -> dict:
     """Numpy arrays for `spec`: random token ids, all-ones weights, one full-length document per row."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     out = {}
     for k, s in spec.items():
@@ -78,7 +91,6 @@ def random_batch(spec: dict, vocab_size: int, seed: int = 0) -> dict:
 @dataclasses.dataclass
 class StepParts:
     """What it takes to run or lower the train step of a config on a mesh."""
-
     model_cfg: object
     mesh: object
     step: object  # jitted (state, batch) -> (state, metrics), state donated
@@ -90,41 +102,32 @@ class StepParts:
     rules: dict
 
     def init_state(self, seed: int = 0):
-        from llmjax import train
-
-        _, state, _ = train.init_state(self.model_cfg, self.tx, self.mesh, self.rules, seed)
+        _, state, _ = init_state(self.model_cfg, self.tx, self.mesh, self.rules, seed)
         return state
 
 
 def build_train_step(cfg, devices=None, model_cfg=None) -> StepParts:
     """The sharded train step of `cfg` (llmjax.train.make_train_step) on `devices` (default: all local),
     with the abstract sharded state and batch it compiles for."""
-    import jax
-
-    from llmjax import sharding as shd
-    from llmjax import train
-    from llmjax.models.config import ModelConfig
-
     model_cfg = model_cfg or ModelConfig.from_dict(cfg.model)
     mesh = shd.make_mesh(cfg.mesh, devices)
     rules = shd.rules_dict(cfg.sharding.rules)
     shd.validate_layout(model_cfg, mesh, int(cfg.train.batch_size), int(cfg.train.micro_batches))
-    tx = train.make_optimizer(cfg.optim, int(cfg.train.steps))
-    lr = train.learning_rate_schedule(cfg.optim, int(cfg.train.steps))
-    graphdef, abstract, state_sh = train.init_state_abstract(model_cfg, tx, mesh, rules, int(cfg.train.seed))
+    tx = make_optimizer(cfg.optim, int(cfg.train.steps))
+    lr = learning_rate_schedule(cfg.optim, int(cfg.train.steps))
+    graphdef, abstract, state_sh = init_state_abstract(model_cfg, tx, mesh, rules, int(cfg.train.seed))
     spec = synthetic_batch_spec(cfg, model_cfg)
     batch_sh = {k: shd.batch_sharding(mesh, len(s.shape)) for k, s in spec.items()}
     batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sh[k]) for k, s in spec.items()}
-    step = train.make_train_step(graphdef, tx, state_sh, batch_sh, micro_batches=int(cfg.train.micro_batches),
-                                 label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss,
-                                 lr_schedule=lr)
+    loss_fn, weights_fn = objective_loss(cfg.objective)
+    step = make_train_step(graphdef, tx, state_sh, batch_sh, micro_batches=int(cfg.train.micro_batches),
+                           label_smoothing=cfg.train.label_smoothing, z_loss=cfg.train.z_loss,
+                           lr_schedule=lr, loss_fn=loss_fn, weights_fn=weights_fn, rules=rules)
     return StepParts(model_cfg, mesh, step, abstract, state_sh, graphdef, tx, batch, rules)
 
 
 def step_flops(cfg, model_cfg, batch_spec: dict) -> float:
     """Model FLOPs of one train step (llmjax.models.flops), from the batch's row lengths."""
-    from llmjax.models.flops import train_flops
-
     lengths = {k: s.shape[1] for k, s in batch_spec.items() if len(s.shape) == 2}
     enc = lengths.get("encoder_inputs", lengths.get("inputs"))
     return int(cfg.train.batch_size) * train_flops(model_cfg, enc, lengths.get("decoder_inputs"))
@@ -189,32 +192,63 @@ def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
-def _how_to_get_libtpu() -> str:
-    venv = default_tpu_venv()
-    return (
-        "llmjax compile needs libtpu, the TPU compiler (no TPU is needed: it compiles on this CPU). Either\n"
-        f"  pip install 'llmjax[tpu]'        (adds {LIBTPU}; keep it out of CPU training environments: it\n"
-        "                                     makes JAX look for a TPU at start-up), or, preferably, a side venv\n"
-        f"  python -m venv --system-site-packages {venv} && {venv}/bin/pip install {LIBTPU}\n"
-        f"which `llmjax compile` then uses by itself (override its location with {TPU_VENV_ENV}=DIR).")
+def _has_libtpu(directory: Path) -> bool:
+    return (directory / "libtpu" / "__init__.py").is_file()
 
 
-def _reexec_in_tpu_venv(argv: list[str]) -> None:
-    """Replace this process by `llmjax compile` in the side venv that has libtpu, if there is one."""
+def use_libtpu() -> bool:
+    """Make libtpu importable (JAX imports it to find the TPU compiler): from this environment if it has it,
+    else from default_libtpu_dir(). False when neither has it."""
+    if libtpu_available():
+        return True
+    directory = default_libtpu_dir()
+    if not _has_libtpu(directory):
+        return False
+    sys.path.append(str(directory))  # last: it holds libtpu alone and shadows nothing of this environment
+    return True
+
+
+def _pip_install_libtpu(target: Path) -> list[str]:
+    # --upgrade: replace what an earlier, killed install left in `target` (without it pip skips what is there);
+    # --no-deps: libtpu needs nothing else, and --target would otherwise install again what it needed.
+    return ["pip", "install", "--no-deps", "--upgrade", "--target", str(target), LIBTPU]
+
+
+def _partial(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".partial")
+
+
+def install_libtpu(directory: Path | None = None) -> Path:
+    """Install libtpu into `directory` (default_libtpu_dir()) unless it is there, and return the directory.
+    pip fills a sibling DIR.partial that one rename then makes DIR, so DIR exists only complete however the
+    install ends; a file lock makes concurrent callers (test workers) wait for one install, not race."""
+    import fcntl
+    import shutil
     import subprocess
 
-    python = default_tpu_venv() / "bin" / "python"
-    if os.environ.get("LLMJAX_COMPILE_REEXEC") or not python.exists():
-        return
-    if subprocess.run([str(python), "-c", "import libtpu"], capture_output=True).returncode:
-        return
-    env = dict(os.environ, LLMJAX_COMPILE_REEXEC="1", JAX_PLATFORMS="cpu")
-    root = str(Path(__file__).resolve().parent.parent)  # this llmjax, whatever the venv has installed
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    print(f"llmjax compile: libtpu is not installed here; running in {python.parent.parent}", file=sys.stderr,
-          flush=True)
-    sys.stdout.flush()
-    os.execve(str(python), [str(python), "-m", "llmjax.cli", "compile", *argv], env)
+    directory = Path(directory or default_libtpu_dir())
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.with_name(directory.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if not _has_libtpu(directory):
+            shutil.rmtree(_partial(directory), ignore_errors=True)  # a killed install's leftovers
+            subprocess.run([sys.executable, "-m", *_pip_install_libtpu(_partial(directory))], check=True)
+            os.rename(_partial(directory), directory)
+    return directory
+
+
+def how_to_get_libtpu() -> str:
+    import shlex
+
+    directory = default_libtpu_dir()
+    partial = _partial(directory)
+    install = f"{shlex.join(_pip_install_libtpu(partial))} && mv {shlex.join([str(partial), str(directory)])}"
+    return (
+        "llmjax compile needs libtpu, the TPU compiler (~0.7 GB; no TPU is needed: it compiles on this CPU).\n"
+        "Install it into a directory of its own, where llmjax compile finds it (and keep it out of training\n"
+        "environments: libtpu makes JAX look for a TPU at start-up):\n"
+        f"  {install}\n"
+        f"(To keep it elsewhere, set {LIBTPU_DIR_ENV}=DIR: this command then installs into DIR.)")
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -245,9 +279,6 @@ def _itemsize(dtype) -> int:
 
 def _shard_bytes(tree) -> int:
     """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
-    import jax
-    import numpy as np
-
     total = 0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
@@ -256,21 +287,12 @@ def _shard_bytes(tree) -> int:
 
 
 def _total_bytes(tree) -> int:
-    import jax
-    import numpy as np
-
     return sum(int(np.prod(x.shape)) * _itemsize(x.dtype) for x in jax.tree.leaves(tree))
 
 
 def compile_for_topology(cfg, topology: Topology, *, kernel: str | None = None) -> dict:
     """Compile `cfg`'s train step for `topology` and return the report (a JSON-able dict)."""
     import time
-
-    import jax
-    from jax.experimental import topologies
-
-    from llmjax.models.attention import resolve_kernel
-    from llmjax.models.config import ModelConfig
 
     model_cfg = ModelConfig.from_dict(cfg.model)
     model_cfg = model_cfg.replace(attention_kernel=resolve_kernel(kernel or model_cfg.attention_kernel, "tpu"))
@@ -458,44 +480,3 @@ def format_report(r: dict) -> str:
         lines.append("to make it fit:")
         lines += [f"  - {s}" for s in r["suggestions"]]
     return "\n".join(lines)
-
-
-def _define(fv):
-    from absl import flags
-
-    flags.DEFINE_string("topology", "v5e:2x2", "TPU slice: v5p-128, v5e-16, v4-32, v6e-8, or v5e:2x2, v5p:4x4x4",
-                        flag_values=fv)
-    flags.DEFINE_string("kernel", None, "attention kernel to compile with (default: the config's; 'auto' = splash)",
-                        flag_values=fv)
-    flags.DEFINE_string("json", None, "also write the report to this JSON file", flag_values=fv)
-
-
-def compile_main(args: list[str]) -> int:
-    """`llmjax compile --config FILE --topology v5p-128 [--config.x=y ...] [--json OUT]`; exit code 0 when it
-    compiles and fits, 3 when it compiles but does not fit, 2 when libtpu is missing."""
-    from llmjax.cli import parse_config_flags
-
-    fv = parse_config_flags(["llmjax compile"] + list(args), define=_define)
-    try:
-        topology = parse_topology(fv.topology)
-    except ValueError as e:
-        raise SystemExit(f"llmjax compile: --{e}")
-    if not libtpu_available():
-        _reexec_in_tpu_venv(list(args))
-        print(_how_to_get_libtpu(), file=sys.stderr)
-        return 2
-    if "jax" not in sys.modules:
-        os.environ["JAX_PLATFORMS"] = "cpu"  # libtpu only compiles; nothing runs on a TPU
-    # Compiling touches no TPU, so several compiles may share the machine (libtpu otherwise takes a lock).
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from llmjax.models.config import ConfigError
-
-    try:
-        report = compile_for_topology(fv.config, topology, kernel=fv.kernel)
-    except ConfigError as e:
-        raise SystemExit(f"llmjax compile: {e}") from None
-    print(format_report(report))
-    if fv.json:
-        Path(fv.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report), flush=True)  # last line: machine-readable
-    return 0 if report["fits"] else 3

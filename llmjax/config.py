@@ -10,17 +10,17 @@ import pathlib
 
 import ml_collections
 
+from llmjax import sharding
+from llmjax.data.prepare import default_data_config
+from llmjax.loop import default_train_config
 from llmjax.models.config import ConfigError, ModelConfig, model_config_dict
-
-OBJECTIVES = ("causal_lm", "prefix_lm", "mlm", "span_corruption")
+from llmjax.objectives import OBJECTIVES, objective_config
+from llmjax.state import default_optim_config
 
 
 def base_config(*, objective: str, **model) -> ml_collections.ConfigDict:
     """A complete run config: the model section from `model` (ModelConfig fields), the objective, and the
     defaults of every other section (data, train, optim, mesh, sharding) for the config file to adjust."""
-    from llmjax import sharding, train
-    from llmjax.data.prepare import default_data_config
-
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective: unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     cfg = ml_collections.ConfigDict()
@@ -29,10 +29,10 @@ def base_config(*, objective: str, **model) -> ml_collections.ConfigDict:
     cfg.objective_args = ml_collections.ConfigDict({}, type_safe=False)  # fields of the objective's config class
     cfg.data = default_data_config()
     cfg.data.vocab_size = cfg.model.vocab_size
-    cfg.train = train.default_train_config()
-    cfg.optim = train.default_optim_config()
+    cfg.train = default_train_config()
+    cfg.optim = default_optim_config()
     cfg.mesh = sharding.mesh_config()
-    cfg.sharding = ml_collections.ConfigDict({"rules": [list(r) for r in sharding.DEFAULT_RULES]})
+    cfg.sharding = sharding.sharding_config()
     return cfg
 
 
@@ -52,3 +52,10 @@ def load_config(path: str | pathlib.Path, function: str = "get_config", example:
 
 def model_config(cfg: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_dict(cfg.model)
+
+
+def objective_config_for(cfg) -> dict:
+    """The objective's config fields of a run config: its `objective_args` plus the row length from
+    train.seq_length."""
+    args = cfg.objective_args.to_dict() if cfg.get("objective_args") else {}
+    return objective_config(cfg.objective, args, cfg.train.seq_length)

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llmjax.models.config import ConfigError
@@ -40,6 +41,11 @@ def mesh_config(**sizes) -> ml_collections.ConfigDict:
     d.update(data=-1)
     d.update(sizes)
     return ml_collections.ConfigDict(d)
+
+
+def sharding_config() -> ml_collections.ConfigDict:
+    """The `sharding` section: `rules`, logical axis -> mesh axis (or None), as lists for ml_collections."""
+    return ml_collections.ConfigDict({"rules": [list(r) for r in DEFAULT_RULES]})
 
 
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
@@ -234,3 +240,9 @@ def describe(abstract_state, state_sh) -> str:
         shape = tuple(shapes[path].get_value().shape)
         lines.append(f"  {'/'.join(map(str, path)):56s} {str(shape):>16s} {var.get_value().spec}")
     return "\n".join(lines)
+
+
+def sync(name: str) -> None:
+    """A barrier across the processes of a multi-process run (nothing with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

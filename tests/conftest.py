@@ -13,7 +13,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"llmjax-tests-jax-cache-{os.getppid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-# The suite is compile-bound, and llmjax.keep_freed_host_memory() (what `llmjax train` asks for) makes compiles
+# The suite is compile-bound, and llmjax.runtime.keep_freed_host_memory() (what `llmjax train` asks for) makes compiles
 # ~30% slower for faster steps; tests/test_host_memory.py tests it on its own.
 os.environ.setdefault("LLMJAX_KEEP_HOST_MEMORY", "0")
 

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from llmjax import checkpoint, cli
+from llmjax.params import key_name
 from llmjax.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -224,7 +225,7 @@ def _leaves(tree) -> dict:
     """{path without a trailing 'value': array} of a nested dict restored by Orbax."""
     out = {}
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        names = tuple(checkpoint._name(k) for k in path)
+        names = tuple(key_name(k) for k in path)
         out[names[:-1] if names[-1] == "value" else names] = np.asarray(x)
     return out
 

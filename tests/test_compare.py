@@ -2,12 +2,12 @@
 one cell and resumed; a broken cell reported without losing the others)."""
 
 import json
-import os
 import pathlib
 
 import pytest
 
 from llmjax import compare
+from llmjax.cli import compare as compare_command
 from llmjax.data.vocab import SpecialIds
 from llmjax.models.config import ConfigError
 
@@ -57,7 +57,7 @@ def test_grid_mistakes_are_named(tmp_path):
         compare.compare(grid, tmp_path / "w")
     assert not (tmp_path / "w" / "cells").exists()  # refused before anything ran
     with pytest.raises(SystemExit, match="does not exist"):
-        compare.compare_main(["--grid", str(tmp_path / "nope.py"), "--workdir", str(tmp_path)])
+        compare_command.main(["--grid", str(tmp_path / "nope.py"), "--workdir", str(tmp_path)])
 
 
 @pytest.mark.slow

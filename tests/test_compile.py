@@ -1,19 +1,25 @@
-"""`llmjax compile`: the real train step compiled for a TPU topology on this CPU (libtpu in a side venv),
+"""`llmjax compile`: the real train step compiled for a TPU topology on this CPU (libtpu in its own directory),
 per-chip memory, the fit verdict with its suggestions, the cost estimate; and the TPU attention path."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import threading
+import time
+import tomllib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers.tpu_venv import REPO, tpu_python
+from helpers.libtpu_dir import REPO, libtpu_path
 from llmjax import compile as comp
-from llmjax.models.attention import AttentionMask, attend, resolve_kernel, splash_attention, splash_supported
+from llmjax.kernels.dispatch import resolve_kernel
+from llmjax.kernels.splash import splash_attention, splash_supported
+from llmjax.models.attention import AttentionMask, attend
 
 
 _COMPILED = {}  # args -> (process, report): one compile serves every test of this worker that asks for it
@@ -25,7 +31,7 @@ COMPILE_ENV = dict(os.environ, JAX_PLATFORMS="cpu", JAX_EXEC_TIME_OPTIMIZATION_E
 
 
 def run_compile(*args, timeout=1500):
-    """`llmjax compile ...` from this (libtpu-free) environment: it re-executes itself in the side venv.
+    """`llmjax compile ...` from this (libtpu-free) environment: it finds libtpu in its own directory.
     The same arguments are compiled once per test process (the tests using one compile share an xdist_group)."""
     if args not in _COMPILED:
         _COMPILED[args] = _run_compile(*args, timeout=timeout)
@@ -33,7 +39,7 @@ def run_compile(*args, timeout=1500):
 
 
 def _run_compile(*args, timeout=1500):
-    tpu_python()  # make sure the venv exists
+    libtpu_path()  # install libtpu on first use
     out = subprocess.run([sys.executable, "-m", "llmjax.cli", "compile", *args], capture_output=True, text=True,
                          timeout=timeout, cwd=REPO, env=COMPILE_ENV)
     lines = out.stdout.strip().splitlines()
@@ -68,9 +74,47 @@ def test_missing_libtpu_says_how_to_get_it(tmp_path):
             "from llmjax.cli import main; sys.exit(main(['llmjax'] + sys.argv[1:]))")
     out = subprocess.run([sys.executable, "-c", code, "compile", "--config", "configs/gpt_tiny.py"],
                          capture_output=True, text=True, cwd=REPO, timeout=120,
-                         env=dict(os.environ, LLMJAX_TPU_VENV=str(tmp_path / "none")))
+                         env=dict(os.environ, LLMJAX_LIBTPU_DIR=str(tmp_path / "none")))
     assert out.returncode == 2, out.stderr
-    assert "pip install 'llmjax[tpu]'" in out.stderr and "libtpu==0.0.42.1" in out.stderr
+    # The exact command that installs it where llmjax compile looks.
+    none = tmp_path / "none"
+    assert f"pip install --no-deps --upgrade --target {none}.partial {comp.LIBTPU} && mv {none}.partial {none}" \
+        in out.stderr, out.stderr
+
+
+def test_tpu_extra_pins_the_libtpu_llmjax_compile_uses():
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["tpu"] == [comp.LIBTPU]
+
+
+def test_libtpu_install_is_atomic_and_one_at_a_time(tmp_path, monkeypatch):
+    """A failed or killed install leaves no libtpu directory, the next one starts afresh; concurrent installers
+    (the test workers) run pip once. pip is faked: it fills its --target like the real one."""
+    target, partial = tmp_path / "libtpu-x", tmp_path / "libtpu-x.partial"
+    calls = []
+
+    def fake_pip(cmd, check):
+        calls.append(cmd)
+        filled = pathlib.Path(cmd[cmd.index("--target") + 1])
+        assert filled == partial and not (filled / "stale").exists()
+        (filled / "libtpu").mkdir(parents=True)
+        time.sleep(0.2)  # so that a concurrent installer would run into this one
+        (filled / "libtpu" / "__init__.py").write_text("")
+        if len(calls) == 1:
+            raise subprocess.CalledProcessError(1, cmd)  # fails half-way, as a killed install would stop
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    partial.mkdir()
+    (partial / "stale").write_text("")  # an earlier killed install's leftovers
+    with pytest.raises(subprocess.CalledProcessError):
+        comp.install_libtpu(target)
+    assert not target.exists()
+    threads = [threading.Thread(target=comp.install_libtpu, args=(target,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 2 and (target / "libtpu" / "__init__.py").is_file() and not partial.exists()
 
 
 def test_auto_kernel_by_platform():

@@ -14,8 +14,10 @@ from helpers import tiny_runs
 from llmjax import checkpoint, cli
 from llmjax.data import tasks
 from llmjax.data.tokenizer import Tokenizer
-from llmjax.finetune import (default_finetune_config, finetune, flat_values, load_finetuned, merge_lora_main,
-                             read_params_checkpoint)
+from llmjax.cli import merge_lora
+from llmjax.finetune import default_finetune_config, finetune
+from llmjax.params import flat_values
+from llmjax.runs import load_finetuned, read_params_checkpoint
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -175,7 +177,7 @@ def test_lora_trains_only_adapters_and_head_and_merges_exactly(full_classificati
 
     # merge-lora: W + (alpha / r) A B, written as an export directory; same outputs as the adapted model.
     merged_dir = tmp_path / "merged"
-    assert merge_lora_main(["--base", str(base_dir), "--adapters", str(out), "--out", str(merged_dir)]) == 0
+    assert merge_lora.main(["--base", str(base_dir), "--adapters", str(out), "--out", str(merged_dir)]) == 0
     merged, merged_cfg = checkpoint.load_exported(merged_dir)
     assert merged_cfg["model"]["lora_rank"] == 0 and merged.cfg.num_labels == 3
     assert not any(k.endswith("lora_a") for k in flat_values(nnx.state(merged, nnx.Param)))
@@ -198,7 +200,7 @@ def test_tagging_end_to_end(task_files, tmp_path):
 
 @pytest.mark.slow  # compiles T5 training, evaluation and greedy decoding: ~30 s on 2 cores
 def test_text_to_text_with_lora_reports_exact_match_and_generates(task_files, tmp_path, capsys):
-    from llmjax.generate import generate_main
+    from llmjax.cli import generate as generate_command
 
     cfg = config("text_to_text", task_files, steps=30)
     cfg.lora.update(rank=4, targets=["q", "k", "v", "o", "mlp"])
@@ -208,7 +210,7 @@ def test_text_to_text_with_lora_reports_exact_match_and_generates(task_files, tm
     assert res["validation"]["loss"] < res["validation_start"]["loss"] - 0.2, res
     assert res["validation_start"]["exact_match"] == 0.0
     capsys.readouterr()
-    assert generate_main(["--workdir", str(tmp_path / "t2t"), "--prompt", "monday tuesday wednesday thursday",
+    assert generate_command.main(["--workdir", str(tmp_path / "t2t"), "--prompt", "monday tuesday wednesday thursday",
                           "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "encoder_decoder model" in out and "[1] monday tuesday wednesday thursday => " in out
@@ -249,7 +251,7 @@ def test_finetune_command_errors_name_the_flag_or_file(task_files, tmp_path):
     assert "unknown config field" in fails(f"--init-from={encoder}", "--config.lora.rnk=2", *files)
     # merge-lora on a non-LoRA or a non-fine-tuning directory
     with pytest.raises(SystemExit, match="is not a fine-tuning workdir"):
-        merge_lora_main(["--base", str(encoder), "--adapters", str(encoder), "--out", str(tmp_path / "m")])
+        merge_lora.main(["--base", str(encoder), "--adapters", str(encoder), "--out", str(tmp_path / "m")])
 
 
 # ----------------------------------------------------------------------------------------------- slow

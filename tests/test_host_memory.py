@@ -1,4 +1,4 @@
-"""llmjax.keep_freed_host_memory() (called by `llmjax train`, `finetune`, `compare` and the throughput benchmark)
+"""llmjax.runtime.keep_freed_host_memory() (called by `llmjax train`, `finetune`, `compare` and the throughput benchmark)
 makes glibc's malloc keep freed memory, so XLA:CPU's per-step temporary block is reused instead of mapped and
 faulted in again on every step."""
 
@@ -12,8 +12,8 @@ import pytest
 
 SCRIPT = r"""
 import resource, sys, json
-import llmjax
-llmjax.keep_freed_host_memory()  # a no-op with LLMJAX_KEEP_HOST_MEMORY=0
+from llmjax import runtime
+runtime.keep_freed_host_memory()  # a no-op with LLMJAX_KEEP_HOST_MEMORY=0
 import jax, jax.numpy as jnp
 
 @jax.jit

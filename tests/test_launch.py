@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from llmjax import launch
+from llmjax.cli import launch as launch_command
 from llmjax.launch import k8s, local
-from llmjax.launch.distributed import LaunchError, distributed_settings, first_slurm_host, slurm_tasks_on_node
+from llmjax.launch.distributed import (CHILD_MODULE, LaunchError, distributed_settings, first_slurm_host,
+                                       slurm_tasks_on_node)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_TRAIN = ["--config.data.max_documents=200", "--config.data.vocab_size=1000", "--config.model.vocab_size=1000",
@@ -30,7 +31,7 @@ TINY_TRAIN = ["--config.data.max_documents=200", "--config.data.vocab_size=1000"
 
 
 def _launch_cmd(workdir, *extra_train):
-    return [sys.executable, "-m", "llmjax.launch", "local", "--num-processes", "2", "--devices-per-process", "2",
+    return [sys.executable, "-m", "llmjax.cli", "launch", "local", "--num-processes", "2", "--devices-per-process", "2",
             "--grace-seconds", "5", "--", "train", "--config", str(REPO / "configs/gpt_tiny.py"),
             "--workdir", str(workdir), *TINY_TRAIN, *extra_train]
 
@@ -127,10 +128,11 @@ def test_distributed_settings_contract():
 
 def test_slurm_dry_run_script(capsys, tmp_path):
     out = tmp_path / "job.sbatch"
-    code = launch.main(["slurm", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time", "12:00:00",
-                        "--account", "proj", "--sbatch-line=--exclusive", "--setup", "source venv/bin/activate",
-                        "--env", "WANDB_MODE=offline x", "--dry-run", f"--script-out={out}", "--",
-                        "train", "--config", "configs/gpt_tiny.py", "--workdir", "/shared/run 1"])
+    code = launch_command.main(["slurm", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time",
+                                "12:00:00",
+                                "--account", "proj", "--sbatch-line=--exclusive", "--setup", "source venv/bin/activate",
+                                "--env", "WANDB_MODE=offline x", "--dry-run", f"--script-out={out}", "--",
+                                "train", "--config", "configs/gpt_tiny.py", "--workdir", "/shared/run 1"])
     assert code == 0
     script = capsys.readouterr().out
     assert script == out.read_text()
@@ -141,18 +143,18 @@ def test_slurm_dry_run_script(capsys, tmp_path):
     srun = [line for line in script.splitlines() if line.startswith("srun ")]
     assert len(srun) == 1 and shlex.split(srun[0])[-5:] == [
         "train", "--config", "configs/gpt_tiny.py", "--workdir", "/shared/run 1"]
-    assert "llmjax.launch.child" in srun[0]
+    assert CHILD_MODULE in srun[0]
     r = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     assert r.returncode == 0, r.stderr
 
 
 def test_missing_command_is_a_clear_error(capsys):
-    assert launch.main(["local", "-n", "2"]) == 2
+    assert launch_command.main(["local", "-n", "2"]) == 2
     assert "after --" in capsys.readouterr().err
 
 
 def test_tpu_vm_commands(capsys):
-    assert launch.main(["tpu-vm", "--name", "pod", "--zone", "us-central2-b", "--project", "p", "--package",
+    assert launch_command.main(["tpu-vm", "--name", "pod", "--zone", "us-central2-b", "--project", "p", "--package",
                         "git+https://example.com/llmjax", "--", "train", "--config", "configs/gpt_tiny.py",
                         "--workdir", "gs://b/run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -165,7 +167,7 @@ def test_tpu_vm_commands(capsys):
     assert "pip install -U 'jax[tpu]==" in install[10] and "git+https://example.com/llmjax" in install[10]
     remote = shlex.split(train[10])
     assert remote[:2] == ["LLMJAX_DISTRIBUTED=auto", "PYTHONUNBUFFERED=1"]
-    assert remote[-6:] == ["llmjax.launch.child", "train", "--config", "configs/gpt_tiny.py", "--workdir",
+    assert remote[-6:] == [CHILD_MODULE, "train", "--config", "configs/gpt_tiny.py", "--workdir",
                            "gs://b/run"]
 
 
@@ -259,9 +261,10 @@ def test_k8s_jobset_manifest_validates(accel, tmp_path):
     out = tmp_path / "jobset.yaml"
     opts = (["--tpu-accelerator", "tpu-v5p-slice", "--tpu-topology", "2x2x4", "--chips-per-host", "4"] if accel == "tpu"
             else ["--gpus-per-host", "8", "--gpu-accelerator", "nvidia-h100-80gb"])
-    assert launch.main(["k8s", "--name", "gpt-run", "--image", "us-docker.pkg.dev/p/r/llmjax:1", "--num-hosts", "4",
-                        "--namespace", "ml", "--env", "A=1", *opts, "-o", str(out), "--",
-                        "train", "--config", "configs/gpt_tiny.py", "--workdir", "gs://b/run"]) == 0
+    assert launch_command.main(["k8s", "--name", "gpt-run", "--image", "us-docker.pkg.dev/p/r/llmjax:1",
+                                "--num-hosts", "4",
+                                "--namespace", "ml", "--env", "A=1", *opts, "-o", str(out), "--",
+                                "train", "--config", "configs/gpt_tiny.py", "--workdir", "gs://b/run"]) == 0
     manifest = yaml.safe_load(out.read_text())
     _validate_jobset(manifest)
     job = manifest["spec"]["replicatedJobs"][0]["template"]["spec"]
@@ -272,7 +275,7 @@ def test_k8s_jobset_manifest_validates(accel, tmp_path):
     assert env["LLMJAX_COORDINATOR"]["value"] == "gpt-run-workers-0-0.gpt-run:8476"  # job 0, pod 0, headless svc
     assert env["LLMJAX_NUM_PROCESSES"]["value"] == "4" and env["A"]["value"] == "1"
     assert "job-completion-index" in env["LLMJAX_PROCESS_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
-    assert c["command"][1:3] == ["-m", "llmjax.launch.child"]
+    assert c["command"][1:3] == ["-m", CHILD_MODULE]
     if accel == "tpu":
         assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
                                        "cloud.google.com/gke-tpu-topology": "2x2x4"}

@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 from llmjax import sharding as shd
-from llmjax import train
+from llmjax.state import default_optim_config, init_state, make_optimizer
+from llmjax.step import batch_shardings, global_batch, make_eval_step, make_train_step
 from llmjax.config import load_config, model_config
 from llmjax.models import moe
 from llmjax.models.config import ConfigError, ModelConfig
@@ -328,15 +329,15 @@ def _train(cfg, batches, *, tx=None, mesh_cfg=None, micro_batches=1):
                                                                                jax.devices()[:1])
     rules = shd.rules_dict(shd.DEFAULT_RULES)
     if tx is None:
-        c = train.default_optim_config()
+        c = default_optim_config()
         c.update(learning_rate=1e-2, warmup_steps=2)
-        tx = train.make_optimizer(c, total_steps=10)
-    graphdef, state, state_sh = train.init_state(cfg, tx, mesh, rules, seed=0)
-    batch_sh = train.batch_shardings(mesh, batches[0])
-    step = train.make_train_step(graphdef, tx, state_sh, batch_sh, micro_batches=micro_batches, rules=rules)
+        tx = make_optimizer(c, total_steps=10)
+    graphdef, state, state_sh = init_state(cfg, tx, mesh, rules, seed=0)
+    batch_sh = batch_shardings(mesh, batches[0])
+    step = make_train_step(graphdef, tx, state_sh, batch_sh, micro_batches=micro_batches, rules=rules)
     history = []
     for b in batches:
-        state, metrics = step(state, train.global_batch(b, mesh))
+        state, metrics = step(state, global_batch(b, mesh))
         history.append({k: np.asarray(v) for k, v in metrics.items()})
     return history, state, graphdef
 
@@ -358,7 +359,7 @@ def test_aux_loss_gives_the_router_gradients_in_the_train_step(remat, micro_batc
     batch = _batches(1)[0]
     tx = optax.sgd(1.0)
     mesh = shd.make_mesh(shd.mesh_config(data=1), jax.devices()[:1])
-    graphdef, start, _ = train.init_state(cfg, tx, mesh, shd.rules_dict(shd.DEFAULT_RULES), seed=0)
+    graphdef, start, _ = init_state(cfg, tx, mesh, shd.rules_dict(shd.DEFAULT_RULES), seed=0)
 
     @jax.jit
     @jax.grad
@@ -560,15 +561,15 @@ def test_task_losses_keep_the_router_losses():
     mesh = shd.make_mesh(shd.mesh_config(data=1), jax.devices()[:1])
     rules = shd.rules_dict(shd.DEFAULT_RULES)
     for cfg, has_moe in ((moe_cfg(), True), (moe_cfg(num_experts=0, experts_per_token=1), False)):
-        c = train.default_optim_config()
-        tx = train.make_optimizer(c, total_steps=4)
-        graphdef, state, state_sh = train.init_state(cfg, tx, mesh, rules, seed=0)
+        c = default_optim_config()
+        tx = make_optimizer(c, total_steps=4)
+        graphdef, state, state_sh = init_state(cfg, tx, mesh, rules, seed=0)
         b = _batches(1)[0]
-        batch_sh = train.batch_shardings(mesh, b)
-        step = train.make_train_step(graphdef, tx, state_sh, batch_sh, loss_fn=task_loss, weights_fn=weights)
-        evaluate = train.make_eval_step(graphdef, state_sh, batch_sh, loss_fn=task_loss)
-        sums = evaluate(state, train.global_batch(b, mesh))
-        _, metrics = step(state, train.global_batch(b, mesh))
+        batch_sh = batch_shardings(mesh, b)
+        step = make_train_step(graphdef, tx, state_sh, batch_sh, loss_fn=task_loss, weights_fn=weights)
+        evaluate = make_eval_step(graphdef, state_sh, batch_sh, loss_fn=task_loss)
+        sums = evaluate(state, global_batch(b, mesh))
+        _, metrics = step(state, global_batch(b, mesh))
         assert ("moe" in sums) == has_moe and "task_loss" in metrics
         assert ("moe_aux_loss" in metrics) == has_moe
         if has_moe:

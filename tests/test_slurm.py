@@ -130,7 +130,7 @@ def test_slurm_two_task_training_job(slurm_cluster, tmp_path):
     workdir = tmp_path / "run"
     out = tmp_path / "job-%j.out"
     repo = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "llmjax.launch", "slurm", "--nodes", "1", "--tasks-per-node", "2",
+    cmd = [sys.executable, "-m", "llmjax.cli", "launch", "slurm", "--nodes", "1", "--tasks-per-node", "2",
            "--cpus-per-task", "1", "--devices-per-task", "2", "--time", "00:10:00", "--job-name", "llmjax-test",
            f"--output={out}", "--python", sys.executable, "--wait", f"--setup=cd {repo}",
            "--", "train", "--config", str(repo / "configs/gpt_tiny.py"), "--workdir", str(workdir), *TINY_TRAIN]

@@ -3,13 +3,13 @@ remat saves memory, and bad layouts fail at start."""
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
 from llmjax import sharding as shd
-from llmjax import train
+from llmjax.state import decay_mask, default_optim_config, init_state, learning_rate_schedule, make_optimizer
+from llmjax.step import batch_shardings, global_batch, make_train_step, model_loss
 from llmjax.models.config import ConfigError, ModelConfig
 
 V = 128
@@ -43,7 +43,7 @@ def synthetic_batches(n, batch=8, length=16, seed=0, family="decoder"):
 
 
 def optim(**kw):
-    c = train.default_optim_config()
+    c = default_optim_config()
     c.update({"learning_rate": 1e-2, "warmup_steps": 2, **kw})
     return c
 
@@ -52,13 +52,13 @@ def run_losses(model_cfg, mesh_cfg, batches, *, micro_batches=1, devices=None, r
     mesh = shd.make_mesh(mesh_cfg, devices)
     shd.validate_layout(model_cfg, mesh, batches[0]["inputs" if "inputs" in batches[0] else "encoder_inputs"].shape[0],
                         micro_batches)
-    tx = train.make_optimizer(optim(), total_steps=10)
-    graphdef, state, state_sh = train.init_state(model_cfg, tx, mesh, shd.rules_dict(rules), seed=0)
-    batch_sh = train.batch_shardings(mesh, batches[0])
-    step = train.make_train_step(graphdef, tx, state_sh, batch_sh, micro_batches=micro_batches)
+    tx = make_optimizer(optim(), total_steps=10)
+    graphdef, state, state_sh = init_state(model_cfg, tx, mesh, shd.rules_dict(rules), seed=0)
+    batch_sh = batch_shardings(mesh, batches[0])
+    step = make_train_step(graphdef, tx, state_sh, batch_sh, micro_batches=micro_batches)
     losses = []
     for b in batches:
-        state, metrics = step(state, train.global_batch(b, mesh))
+        state, metrics = step(state, global_batch(b, mesh))
         losses.append(float(metrics["loss"]))
     return np.array(losses), state, (graphdef, tx, state_sh, batch_sh, mesh)
 
@@ -92,8 +92,8 @@ def test_fsdp8_holds_an_eighth_of_params_and_optimizer_state():
         per_device, total = _bytes(part), _total_bytes(part)
         assert per_device < total / 8 * 1.1, (per_device, total)  # ~1/8 (norm scales are replicated, tiny)
     # The compiled step's memory analysis agrees: its arguments are about 1/8 of the unsharded state.
-    step = train.make_train_step(graphdef, tx, state_sh, batch_sh)
-    compiled = step.lower(state, train.global_batch(batches[0], mesh)).compile()
+    step = make_train_step(graphdef, tx, state_sh, batch_sh)
+    compiled = step.lower(state, global_batch(batches[0], mesh)).compile()
     mem = compiled.memory_analysis()
     state_bytes = _total_bytes(state.params) + _total_bytes(state.opt_state)
     assert mem.argument_size_in_bytes < state_bytes / 8 * 1.3
@@ -119,7 +119,7 @@ def _residual_bytes(model_cfg, batch):
 
     def loss(p):
         model = nnx.merge(graphdef, p, rest, copy=True)
-        return train.model_loss(model, batch, deterministic=False)[0]
+        return model_loss(model, batch, deterministic=False)[0]
 
     # The vjp closure holds exactly the residuals; evaluate its shapes without running anything.
     residuals = jax.eval_shape(lambda p: jax.tree.leaves(jax.vjp(loss, p)[1]), params)
@@ -168,20 +168,20 @@ def test_invalid_layouts_fail_at_start_with_the_fix():
 
 def test_schedules_and_decay_mask():
     c = optim(schedule="cosine", warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1)
-    lr = train.learning_rate_schedule(c, 110)
+    lr = learning_rate_schedule(c, 110)
     assert float(lr(0)) == 0.0 and abs(float(lr(10)) - 1.0) < 1e-6 and abs(float(lr(110)) - 0.1) < 1e-6
-    rs = train.learning_rate_schedule(optim(schedule="rsqrt", warmup_steps=100, learning_rate=1.0), 1000)
+    rs = learning_rate_schedule(optim(schedule="rsqrt", warmup_steps=100, learning_rate=1.0), 1000)
     # T5's inverse square root: lr(step) = peak * sqrt(warmup / step) once past warmup.
     assert abs(float(rs(100)) - 1.0) < 1e-6 and abs(float(rs(300)) - np.sqrt(100 / 300)) < 1e-6
-    lin = train.learning_rate_schedule(optim(schedule="linear", warmup_steps=0, learning_rate=1.0, min_lr_ratio=0.0), 100)
+    lin = learning_rate_schedule(optim(schedule="linear", warmup_steps=0, learning_rate=1.0, min_lr_ratio=0.0), 100)
     assert abs(float(lin(50)) - 0.5) < 1e-6
     model = nnx.eval_shape(lambda: __import__("llmjax.models.transformer", fromlist=["x"]).build_model(tiny_cfg(), 0))
     mask = dict((("/".join(map(str, p))), v.get_value()) for p, v in
-                nnx.to_flat_state(train.decay_mask(nnx.state(model, nnx.Param), optim())))
+                nnx.to_flat_state(decay_mask(nnx.state(model, nnx.Param), optim())))
     assert mask["decoder/layers/0/mlp/wi_0/kernel"] and mask["lm_head/proj/kernel"]
     assert not mask["embedder/tokens/embedding"] and not mask["decoder/layers/0/mlp_norm/scale"]
     with pytest.raises(ConfigError, match="optim.schedule"):
-        train.learning_rate_schedule(optim(schedule="step"), 10)
+        learning_rate_schedule(optim(schedule="step"), 10)
 
 
 @pytest.mark.parametrize("variant", ["adafactor", "bfloat16", "z_loss_label_smoothing"])
@@ -191,14 +191,14 @@ def test_optimizer_and_precision_variants_learn(variant):
     cfg = tiny_cfg(dtype="bfloat16") if variant == "bfloat16" else tiny_cfg()
     oc = optim(optimizer="adafactor", schedule="constant", learning_rate=0.5) if variant == "adafactor" else optim()
     mesh = shd.make_mesh(shd.mesh_config(data=1), jax.devices()[:1])
-    tx = train.make_optimizer(oc, total_steps=12)
-    graphdef, state, state_sh = train.init_state(cfg, tx, mesh, shd.rules_dict(shd.DEFAULT_RULES), seed=0)
+    tx = make_optimizer(oc, total_steps=12)
+    graphdef, state, state_sh = init_state(cfg, tx, mesh, shd.rules_dict(shd.DEFAULT_RULES), seed=0)
     batches = synthetic_batches(1) * 12  # the same batch: the loss must fall fast
     kw = dict(z_loss=1e-4, label_smoothing=0.1) if variant == "z_loss_label_smoothing" else {}
-    step = train.make_train_step(graphdef, tx, state_sh, train.batch_shardings(mesh, batches[0]), **kw)
+    step = make_train_step(graphdef, tx, state_sh, batch_shardings(mesh, batches[0]), **kw)
     losses = []
     for b in batches:
-        state, m = step(state, train.global_batch(b, mesh))
+        state, m = step(state, global_batch(b, mesh))
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0] - 0.5, losses
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))

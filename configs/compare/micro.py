@@ -4,9 +4,10 @@
 """
 
 from llmjax.compare import default_grid
+from llmjax.presets import model_preset
 
-SHARED = dict(vocab_size=1000, d_model=64, num_heads=4, mlp_dim=128, activation="gelu_tanh", norm="layernorm",
-              norm_position="pre", position="learned", max_length=128, tie_embeddings=True)
+# GPT-2 components at a smaller shape; each cell sets its family and number of layers.
+SHARED = model_preset("gpt2", "tiny", vocab_size=1000, d_model=64, mlp_dim=128, max_length=128)
 
 
 def get_grid():

@@ -7,12 +7,12 @@ encoder have 4 layers, the encoder-decoders 2 + 2 (about the same parameters).
 """
 
 from llmjax.compare import default_grid
+from llmjax.presets import model_preset
 
-SHARED = dict(vocab_size=8192, d_model=256, num_heads=4, mlp_dim=1024, activation="gelu_tanh", norm="layernorm",
-              norm_position="pre", position="learned", max_length=256, tie_embeddings=True)
-DECODER = dict(SHARED, family="decoder", num_layers=4)
-ENCODER = dict(SHARED, family="encoder", num_layers=4)
-ENCODER_DECODER = dict(SHARED, family="encoder_decoder", num_layers=2, num_decoder_layers=2)
+# The components of GPT-2 (tiny) in every family.
+DECODER = model_preset("gpt2", "tiny")
+ENCODER = model_preset("gpt2", "tiny", family="encoder")
+ENCODER_DECODER = model_preset("gpt2", "tiny", family="encoder_decoder", num_layers=2, num_decoder_layers=2)
 
 
 def get_grid():

@@ -36,6 +36,7 @@ from absl import flags
 
 from llmjax.data.packing import feature_side, pack
 from llmjax.data.shards import TOKENIZER_FILE, TokenShards, load_manifest
+from llmjax.data.tokenizer import Tokenizer
 from llmjax.data.vocab import SpecialIds
 from llmjax.objectives import check_family, make_objective
 
@@ -131,8 +132,6 @@ class _Plan:
 
     def word_starts(self):
         if self._word_starts is None:
-            from llmjax.data.tokenizer import Tokenizer
-
             self._word_starts = Tokenizer.load(self.tokenizer_path).word_starts
         return self._word_starts
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmjax.data import corpus
 from llmjax.data.vocab import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
 
 TASKS = ("classification", "tagging", "text_to_text", "causal_lm")
@@ -258,8 +259,6 @@ def doc_vs_code(out: str | os.PathLike, *, per_class: int = 1500, validation_fra
     """Write OUT/train.jsonl and OUT/validation.jsonl: passages of the default corpus labelled 'doc' or
     'code' (llmjax.data.corpus Document.kind), balanced (the same number per class in each file), split by
     source module (a seeded hash), so validation passages come from modules never seen in training."""
-    from llmjax.data import corpus
-
     split_rows: dict[str, dict[str, list[str]]] = {"train": {"doc": [], "code": []},
                                                     "validation": {"doc": [], "code": []}}
     for d in corpus.documents():

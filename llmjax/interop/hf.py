@@ -9,18 +9,20 @@ inside the functions that touch HF objects: they are optional (test) dependencie
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import math
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmjax import params as params_lib
 from llmjax.models.config import ConfigError, ModelConfig
+from llmjax.models.transformer import build_model
+from llmjax.params import flatten, unflatten
 
 
 class InteropError(ValueError):
@@ -96,30 +98,6 @@ def norm(ours: str, hf: str, *, bias: bool) -> list[Rule]:
 
 
 # ------------------------------------------------------------------------------------ nested dicts
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'layers': {0: {'w': x}}}} -> {'a/layers/0/w': x}."""
-    flat = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            flat.update(flatten(v, key + "/"))
-        else:
-            flat[key] = v
-    return flat
-
-
-def unflatten(flat: dict[str, Any]) -> dict:
-    """Inverse of `flatten`; numeric path parts become int keys, as nnx lists of layers use."""
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        parts = [int(p) if p.isdigit() else p for p in path.split("/")]
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return tree
-
-
 def _listing(names: Iterable[str], limit: int = 8) -> str:
     names = sorted(names)
     more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
@@ -239,24 +217,11 @@ def load_params(model: nnx.Module, params: dict) -> None:
     nnx.update(model, state)
 
 
-@functools.lru_cache(maxsize=16)
-def _other_state_fn(cfg: ModelConfig, seed: int):
-    """A jitted function computing build_model(cfg, seed)'s state other than the weights (RNG streams, LoRA
-    adapters); XLA drops the unused random weight init."""
-    from llmjax.models.transformer import build_model
-
-    return jax.jit(lambda: nnx.split(build_model(cfg, seed), _BASE_PARAMS, ...)[2])
-
-
 def build_with_params(cfg: ModelConfig, params: dict, seed: int = 0) -> nnx.Module:
-    """build_model(cfg, seed) with `params` as its weights, without running the random weight init (slow to
-    compile op by op, and twice the memory): the module graph comes from nnx.eval_shape."""
-    from llmjax.models.transformer import build_model
-
-    graphdef, weights, _ = nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed)), _BASE_PARAMS, ...)
-    values = _checked(flatten(weights.to_pure_dict()), params)
-    nnx.replace_by_pure_dict(weights, unflatten({k: jnp.asarray(v) for k, v in values.items()}))
-    return nnx.merge(graphdef, weights, _other_state_fn(cfg, seed)())
+    """build_model(cfg, seed) with `params` (nested, every non-LoRA weight, shapes checked) as its weights;
+    LoRA adapters and RNG streams as build_model makes them (llmjax.params.build_with_params)."""
+    abstract = nnx.state(nnx.eval_shape(lambda: build_model(cfg, seed)), _BASE_PARAMS)
+    return params_lib.build_with_params(cfg, _checked(flatten(abstract.to_pure_dict()), params), seed)
 
 
 # HF activation names -> llmjax elementwise activation, and back (gelu_new is the tanh approximation).

@@ -8,7 +8,7 @@ bench shape (configs/bench_gpt.py) its forward + backward pass is ~3x faster tha
 
 It is compiled on first use for this machine's CPU (-march=native) and cached (llmjax.kernels.native).
 Where it cannot be used (no AVX-512, no compiler, a build error, or LLMJAX_CPU_KERNELS=0) `available()` is
-False, the reason is logged once, and llmjax.models.attention uses the XLA kernel instead.
+False, the reason is logged once, and llmjax.kernels.dispatch leaves the attention to the model's XLA code.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def attention(q, k, v, segment_ids, positions, *, scale: float) -> jax.Array:
     """softmax(q k^T * scale, causal within packed segments) v for q [B, T, N, 64], k/v [B, T, K, 64] float32
     and segment_ids/positions [B, T] (see `supported`), on one device or shard (a custom call is not
-    partitioned by XLA: llmjax.models.attention runs it in a shard_map under a mesh).
+    partitioned by XLA: llmjax.kernels.dispatch runs it in a shard_map under a mesh).
 
     A query attends to a key of the same non-zero segment at a position <= its own; padding rows (segment 0)
     output zeros. Like llmjax.models.attention.causal_blocks_attention it assumes positions increase with the

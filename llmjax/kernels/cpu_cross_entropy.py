@@ -3,8 +3,9 @@ through jax.ffi.
 
 For a [rows, V] float32 logits array XLA:CPU runs one pass over the logits per statistic: the max, the sum of
 exponentials, the accuracy's compare-and-reduce; the kernel reads each row once for all of them, and writes
-the gradient in one more pass. llmjax.objectives.losses uses `softmax_stats` on one CPU device for float32
-logits (`usable`), XLA everywhere else and with LLMJAX_CPU_KERNELS=0.
+the gradient in one more pass. The loss (llmjax.objectives.losses) gets `softmax_stats` through
+llmjax.kernels.dispatch on one CPU device for float32 logits (`usable`), XLA everywhere else and with
+LLMJAX_CPU_KERNELS=0.
 """
 
 from __future__ import annotations

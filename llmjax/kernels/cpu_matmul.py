@@ -12,8 +12,8 @@ embeddings); both are differentiable (the backward pass is two more calls of the
 dw = x^T g, or g^T x for a transposed w; the call computing dx also sums g's columns, the bias gradient).
 `mlp(x, w1, b1, w2, b2, "gelu" | "relu")` is a Linear-activation-Linear MLP whose activation is applied by the
 first matmul's call and whose activation gradient is applied by the call computing the hidden layer's gradient
-(no XLA pass over the [rows, hidden] activations for either). llmjax.models.layers uses them on one CPU device
-for float32 (`usable`); everywhere else, and with LLMJAX_CPU_KERNELS=0, it uses XLA's dot.
+(no XLA pass over the [rows, hidden] activations for either). The model gets them through llmjax.kernels.dispatch
+on one CPU device for float32 (`usable`); everywhere else, and with LLMJAX_CPU_KERNELS=0, it uses XLA's dot.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Building and loading the C++ kernels of llmjax.kernels, and where they may run.
+"""Building and loading the C++ kernels of llmjax.kernels, and where they may run (`platform`, `one_device`,
+`per_shard`).
 
 A kernel's source (`name.cc`, plus the headers beside it) is compiled on first use with the system's C++
 compiler (`c++`, or $CXX) into ~/.cache/llmjax/kernels (or $LLMJAX_KERNEL_CACHE). The file name carries a hash
@@ -98,3 +99,21 @@ def one_device() -> bool:
     per shard (attention runs in a shard_map) may only be used then."""
     mesh = jax.sharding.get_abstract_mesh()
     return mesh.size == 1 if not mesh.empty else jax.device_count() == 1
+
+
+def per_shard(local, q, k, v, *rows):
+    """`local(q, k, v, *rows)` for kernels XLA cannot partition (Mosaic, FFI custom calls): under a mesh context
+    (jax.set_mesh) in a shard_map over the batch axes and, when it divides the heads, the tensor axis; q/k/v
+    [B, T, N|K, H], each of `rows` [B, T]."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(q, k, v, *rows)
+    batch_axes = tuple(a for a in ("data", "fsdp", "expert") if a in mesh.shape and mesh.shape[a] > 1)
+    b_spec = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
+    t_size = mesh.shape.get("tensor", 1)
+    h_spec = "tensor" if t_size > 1 and q.shape[2] % t_size == 0 and k.shape[2] % t_size == 0 else None
+    qkv_spec, row_spec = P(b_spec, None, h_spec, None), P(b_spec, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (row_spec,) * len(rows), out_specs=qkv_spec,
+                         check_vma=False)(q, k, v, *rows)

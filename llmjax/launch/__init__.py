@@ -1,15 +1,17 @@
-"""`llmjax launch {local,slurm,k8s,tpu-vm} [options] -- <llmjax command>`: run one job as many JAX processes.
+"""Launchers: run one llmjax command as many JAX processes (local, SLURM, Kubernetes JobSet, Cloud TPU VM).
 
-Every launched process runs `python -m llmjax.launch.child <command>`, which calls
-`maybe_initialize_distributed()` (environment contract in `llmjax.launch.distributed`) and then the usual CLI.
+Every launched process runs `python -m CHILD_MODULE <command>` (llmjax.cli.child), which calls
+`maybe_initialize_distributed()` (environment contract in `llmjax.launch.distributed`) and then the usual command
+line. `llmjax launch` (llmjax.cli.launch) parses the options with `build_parser()`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
+from llmjax.launch import k8s, slurm, tpu_vm
 from llmjax.launch.distributed import (  # noqa: F401  (public API)
+    CHILD_MODULE,
     DistributedSettings,
     LaunchError,
     distributed_settings,
@@ -26,8 +28,6 @@ USAGE_EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmjax.launch import k8s, slurm, tpu_vm
-
     parser = argparse.ArgumentParser(
         prog="llmjax launch", description="Run an llmjax command as a multi-process JAX job.",
         epilog=USAGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,47 +49,3 @@ def build_parser() -> argparse.ArgumentParser:
     tpu_vm.add_arguments(sub.add_parser("tpu-vm", help="print the gcloud commands for a Cloud TPU VM",
                                         usage="llmjax launch tpu-vm --name N --zone Z [options] -- COMMAND ..."))
     return parser
-
-
-def main(argv: list[str]) -> int:
-    """`argv` is what follows `llmjax launch` (a leading 'launch' is dropped too); returns the exit code."""
-    argv = list(argv)
-    if argv and argv[0] == "launch":
-        argv = argv[1:]
-    if "--" in argv:
-        cut = argv.index("--")
-        options, command = argv[:cut], argv[cut + 1:]
-    else:
-        options, command = argv, []
-    parser = build_parser()
-    try:
-        args = parser.parse_args(options)
-    except SystemExit as e:  # argparse already printed the message
-        return int(e.code or 0)
-    if not command:
-        print(f"llmjax launch {args.target}: give the llmjax command to run after --, e.g. `llmjax launch "
-              f"{args.target} ... -- train --config configs/gpt_tiny.py --workdir runs/x`", file=sys.stderr)
-        return 2
-    try:
-        if args.target == "local":
-            from llmjax.launch.local import run_local
-
-            return run_local(command, num_processes=args.num_processes, devices_per_process=args.devices_per_process,
-                             log_dir=args.log_dir, port=args.port, grace_seconds=args.grace_seconds,
-                             echo=not args.quiet)
-        if args.target == "slurm":
-            from llmjax.launch import slurm
-
-            return slurm.run(args, command)
-        if args.target == "k8s":
-            from llmjax.launch import k8s
-
-            return k8s.run(args, command)
-        from llmjax.launch import tpu_vm
-
-        return tpu_vm.run(args, command)
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            return 2
-        return int(e.code or 0)

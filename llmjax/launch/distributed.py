@@ -1,6 +1,6 @@
 """`maybe_initialize_distributed()`: join the multi-process JAX runtime when a launcher asked for it.
 
-Call it before anything touches a JAX backend (the launchers' child entry point `llmjax.launch.child` does).
+Call it before anything touches a JAX backend (the launchers' child entry point, CHILD_MODULE, does).
 Which runtime to join is read from the environment, first match wins:
 
   LLMJAX_DISTRIBUTED=0            never initialize (single process, whatever else is set)
@@ -28,6 +28,9 @@ import re
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
+
+# What every launched process runs: `python -m CHILD_MODULE <llmjax command>` (joins, then runs the command).
+CHILD_MODULE = "llmjax.cli.child"
 
 
 class LaunchError(ValueError):

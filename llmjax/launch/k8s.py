@@ -12,6 +12,8 @@ import re
 import shlex
 import sys
 
+from llmjax.launch.distributed import CHILD_MODULE
+
 API_VERSION = "jobset.x-k8s.io/v1alpha2"
 REPLICATED_JOB = "workers"
 CONTAINER = "llmjax"
@@ -72,7 +74,7 @@ def jobset_manifest(command: list[str], *, name: str, image: str, num_hosts: int
     container = {
         "name": CONTAINER,
         "image": image,
-        "command": [python, "-m", "llmjax.launch.child", *command],
+        "command": [python, "-m", CHILD_MODULE, *command],
         "ports": [{"containerPort": port, "name": "coordinator"}],
         "env": env_list,
     }

@@ -1,6 +1,6 @@
 """`llmjax launch local`: N JAX processes on this machine, gloo collectives, one log per rank, fail fast.
 
-Each rank runs `python -m llmjax.launch.child <command>` with LLMJAX_COORDINATOR / LLMJAX_NUM_PROCESSES /
+Each rank runs `python -m llmjax.cli.child <command>` with LLMJAX_COORDINATOR / LLMJAX_NUM_PROCESSES /
 LLMJAX_PROCESS_ID set; its output goes to LOG_DIR/rank{i}.log and, prefixed with `[rank i]`, to the console.
 When a rank exits non-zero the others get SIGTERM, then SIGKILL after --grace-seconds.
 """
@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from llmjax.launch.distributed import CHILD_MODULE
 
 
 def free_port() -> int:
@@ -107,7 +109,7 @@ def run_local(command: list[str], *, num_processes: int, devices_per_process: in
     logs = Path(log_dir or (Path(wd) / "logs" if wd else Path("llmjax-launch-logs")))
     logs.mkdir(parents=True, exist_ok=True)
     coordinator = f"127.0.0.1:{port or free_port()}" if num_processes > 1 else None
-    argv = [python or sys.executable, "-m", "llmjax.launch.child", *command]
+    argv = [python or sys.executable, "-m", CHILD_MODULE, *command]
     ranks: list[_Rank] = []
     for i in range(num_processes):
         env = child_env(os.environ, rank=i, num_processes=num_processes, coordinator=coordinator,

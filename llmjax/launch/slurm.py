@@ -1,6 +1,6 @@
 """`llmjax launch slurm`: render an sbatch script (one `srun` step, one task per host by default) and submit it.
 
-Every task runs `python -m llmjax.launch.child <command>`; under srun `maybe_initialize_distributed` finds the
+Every task runs `python -m llmjax.cli.child <command>`; under srun `maybe_initialize_distributed` finds the
 SLURM step variables and joins the job's processes (coordinator on the first node).
 """
 
@@ -10,6 +10,8 @@ import shlex
 import string
 import subprocess
 import sys
+
+from llmjax.launch.distributed import CHILD_MODULE
 
 SBATCH_TEMPLATE = string.Template("""\
 #!/bin/bash
@@ -59,7 +61,7 @@ def render_sbatch(command: list[str], *, nodes: int = 1, tasks_per_node: int = 1
         optional_lines="".join(line + "\n" for line in opt),
         exports="".join(line + "\n" for line in exports),
         setup="".join(line + "\n" for line in setup),
-        command=shlex.join([python, "-m", "llmjax.launch.child", *command]))
+        command=shlex.join([python, "-m", CHILD_MODULE, *command]))
 
 
 def submit(script: str, *, wait: bool = False, sbatch: str = "sbatch", env: dict | None = None) -> tuple[int, str]:

@@ -1,6 +1,6 @@
 """`llmjax launch tpu-vm`: the gcloud commands that install llmjax on every worker of a Cloud TPU VM and train.
 
-Each worker runs `LLMJAX_DISTRIBUTED=auto python3 -m llmjax.launch.child <command>`; JAX finds the pod's other
+Each worker runs `LLMJAX_DISTRIBUTED=auto python3 -m llmjax.cli.child <command>`; JAX finds the pod's other
 hosts itself. Use a gs:// (or otherwise shared) --workdir: every host takes part in checkpoint saves.
 """
 
@@ -10,6 +10,8 @@ import shlex
 import subprocess
 import sys
 from importlib import metadata
+
+from llmjax.launch.distributed import CHILD_MODULE
 
 
 def _jax_version() -> str:
@@ -43,7 +45,7 @@ def tpu_vm_commands(command: list[str], *, name: str, zone: str, project: str = 
             raise SystemExit(f"llmjax launch tpu-vm: --env {kv!r} must look like NAME=VALUE")
         k, v = kv.split("=", 1)
         exports.append(f"{k}={shlex.quote(v)}")
-    train = " ".join(exports) + " " + shlex.join([python, "-m", "llmjax.launch.child", *command])
+    train = " ".join(exports) + " " + shlex.join([python, "-m", CHILD_MODULE, *command])
     out.append(base + ["--command", " && ".join(list(setup) + [train])])
     return out
 

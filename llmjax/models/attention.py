@@ -1,12 +1,13 @@
 """THE shared attention core: one module for encoder self-, decoder causal self-, prefix-LM self- and cross-attention.
 
-What a query may see is described per token (segment ids, positions, a prefix flag) by `AttentionMask`;
-the [T, S] mask is built only where a kernel needs it. The kernels give the same outputs:
-'reference' (batched matmuls; causal self-attention skips the keys each query block cannot see),
-'dot_product' (jax.nn.dot_product_attention: cuDNN flash attention on GPUs), 'blockwise' (online softmax
-over key blocks, never materialising the [T, S] scores), 'splash' (the Pallas TPU kernel) and 'cpu_flash'
-(a C++ kernel for causal self-attention on the CPU, llmjax.kernels.cpu_attention); 'auto' picks one by
-platform (`resolve_kernel`).
+Where each token sits (segment ids, positions, a prefix flag; for cross-attention also the encoder's tokens) is
+`TokenLayout`, built once per forward pass and passed down to every layer; what a query may see is
+`AttentionMask`, from the layouts of the queries and the keys; the [T, S] mask is built only where a kernel needs
+it. The kernels give the same outputs: 'reference' (batched matmuls; causal self-attention skips the keys each
+query block cannot see), 'dot_product' (jax.nn.dot_product_attention: cuDNN flash attention on GPUs),
+'blockwise' (online softmax over key blocks, never materialising the [T, S] scores), and the kernels of
+llmjax.kernels that take over through llmjax.kernels.dispatch where they cover an attention ('splash' on TPU,
+'cpu_flash' on the CPU; 'auto' picks by platform).
 Shape letters: B batch, T query length, S key length, N query heads, K kv heads, G = N // K, H head dim.
 """
 
@@ -20,12 +21,38 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from llmjax.kernels import native
-from llmjax.models.config import ModelConfig
-from llmjax.models.layers import Linear, apply_rope, fused_linear, linear_group
+from llmjax.kernels import dispatch
+from llmjax.models.config import KERNELS, ModelConfig
+from llmjax.models.layers import Linear, apply_rope, linear_group, matmul_side_by_side
+# Still imported from here by llmjax.compile and tests/test_compile.py; their home is llmjax.kernels.
 
 NEG_INF = -1e30  # finite, so fully masked rows never produce NaN
 BiasFn = Callable[[jax.Array, jax.Array], jax.Array]  # ([B,T] q positions, [B,S] kv positions) -> [B|1, N, T, S]
+
+
+@struct.dataclass
+class TokenLayout:
+    """Where each token of a batch sits: the per-token vectors every attention layer needs, built once per
+    forward pass from the model's inputs (`of`) and passed down the layer stack.
+
+    Packed documents have distinct segment ids, padding segment 0; positions restart per document. `context`
+    is the layout of the encoder tokens that cross-attention reads (None without one, or while decoding from
+    a cross-attention cache, which carries its own)."""
+
+    segment_ids: jax.Array  # [B, T] int
+    positions: jax.Array  # [B, T] int
+    prefix: jax.Array | None = None  # [B, T] bool, True on the bidirectionally visible prefix (prefix LM)
+    context: TokenLayout | None = None
+
+    @classmethod
+    def of(cls, tokens: jax.Array, segment_ids=None, positions=None, *, prefix=None, context=None) -> TokenLayout:
+        """The layout of `tokens` (any [B, T] array: only its shape is read). No segment ids: one sequence per
+        row, nothing padded. No positions: 0, 1, 2, ..."""
+        if segment_ids is None:
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return cls(segment_ids, positions, prefix, context)
 
 
 @struct.dataclass
@@ -59,6 +86,13 @@ class AttentionMask:
     def dense(self) -> jax.Array:
         return self.block()
 
+    @classmethod
+    def between(cls, queries: TokenLayout, keys: TokenLayout, *, causal: bool) -> AttentionMask:
+        """The mask of queries laid out as `queries` attending to keys laid out as `keys` (the prefix is the
+        keys')."""
+        return cls(queries.segment_ids, keys.segment_ids, queries.positions, keys.positions, keys.prefix,
+                   causal=causal)
+
 
 @struct.dataclass
 class KVCache:
@@ -83,14 +117,20 @@ class KVCache:
             index=jnp.zeros((), jnp.int32),
         )
 
-    def append(self, k, v, segment_ids, positions, prefix) -> "KVCache":
-        """Write t new tokens ([B, t, ...]) at `index`."""
+    def append(self, k, v, layout: TokenLayout) -> "KVCache":
+        """Write t new tokens ([B, t, ...], laid out as `layout`) at `index`."""
         upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), self.index, axis=1)
+        prefix = layout.prefix if layout.prefix is not None else jnp.zeros(layout.segment_ids.shape, bool)
         return KVCache(
-            k=upd(self.k, k), v=upd(self.v, v), segment_ids=upd(self.segment_ids, segment_ids),
-            positions=upd(self.positions, positions), prefix=upd(self.prefix, prefix),
+            k=upd(self.k, k), v=upd(self.v, v), segment_ids=upd(self.segment_ids, layout.segment_ids),
+            positions=upd(self.positions, layout.positions), prefix=upd(self.prefix, prefix),
             index=self.index + k.shape[1],
         )
+
+    @property
+    def layout(self) -> TokenLayout:
+        """The layout of the cached tokens (empty slots are segment 0)."""
+        return TokenLayout(self.segment_ids, self.positions, self.prefix)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -330,107 +370,22 @@ def blockwise_attention(q, k, v, mask: AttentionMask, *, bias=None, scale: float
     return out.astype(q.dtype)
 
 
-SPLASH_BLOCKS = (512, 256, 128)  # tile sizes tried for the splash kernel, largest first
-
-
-def _splash_block(t: int, s: int) -> int | None:
-    return next((blk for blk in SPLASH_BLOCKS if t % blk == 0 and s % blk == 0), None)
-
-
-def splash_supported(q, k, mask: AttentionMask, *, bias=None, dropout: bool = False) -> bool:
-    """Whether the Pallas TPU splash kernel computes exactly this attention: self-attention (T == S, so
-    every row sees at least itself) over whole tiles, causal or bidirectional by index within packed
-    segments, with no bias, prefix or probability dropout."""
-    t, s = q.shape[1], k.shape[1]
-    return (t == s and _splash_block(t, s) is not None and bias is None and not dropout
-            and mask.kv_prefix is None)
-
-
-def splash_attention(q, k, v, mask: AttentionMask, *, scale: float, interpret: bool = False) -> jax.Array:
-    """The Pallas TPU splash-attention kernel (block-sparse flash attention: fully masked tiles are
-    skipped) on [B, T, N, H] / [B, S, K, H]; see `splash_supported` for what it covers.
-
-    Mosaic kernels are not partitioned automatically: under a mesh context (jax.set_mesh) the kernel runs
-    per shard in a shard_map over the batch axes and, when they divide the heads, the tensor axis."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa
-
-    def local(q, k, v, q_seg, kv_seg):
-        b, t, n, h = q.shape
-        s = k.shape[1]
-        blk = _splash_block(t, s)
-        head = sa.CausalMask((t, s)) if mask.causal else sa.FullMask((t, s))
-        sizes = sa.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
-                              block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
-        kernel = sa.make_splash_mha(sa.MultiHeadMask([head] * n), block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                    interpret=interpret)
-        qh = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)  # [B, N, T, H]
-        kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
-        out = jax.vmap(lambda q1, k1, v1, a, c: kernel(q1, k1, v1, segment_ids=sa.SegmentIds(a, c)))(
-            qh, kh, vh, q_seg, kv_seg)
-        out = out.transpose(0, 2, 1, 3)  # [B, T, N, H]
-        return jnp.where((q_seg != 0)[:, :, None, None], out, 0.0).astype(q.dtype)  # padding rows output zeros
-
-    return per_shard(local, q, k, v, mask.q_segment_ids.astype(jnp.int32), mask.kv_segment_ids.astype(jnp.int32))
-
-
-def per_shard(local, q, k, v, *rows):
-    """`local(q, k, v, *rows)` for kernels XLA cannot partition (Mosaic, FFI custom calls): under a mesh context
-    (jax.set_mesh) in a shard_map over the batch axes and, when it divides the heads, the tensor axis; q/k/v
-    [B, T, N|K, H], each of `rows` [B, T]."""
-    from jax.sharding import PartitionSpec as P
-
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return local(q, k, v, *rows)
-    batch_axes = tuple(a for a in ("data", "fsdp", "expert") if a in mesh.shape and mesh.shape[a] > 1)
-    b_spec = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
-    t_size = mesh.shape.get("tensor", 1)
-    h_spec = "tensor" if t_size > 1 and q.shape[2] % t_size == 0 and k.shape[2] % t_size == 0 else None
-    qkv_spec, row_spec = P(b_spec, None, h_spec, None), P(b_spec, None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (row_spec,) * len(rows), out_specs=qkv_spec,
-                         check_vma=False)(q, k, v, *rows)
-
-
-def resolve_kernel(kernel: str, platform: str | None = None) -> str:
-    """'auto' -> the kernel for the platform (given, else the platform of the mesh context's devices, else
-    the default backend): splash on TPU, dot_product (cuDNN) on GPU, cpu_flash (the C++ kernel,
-    llmjax.kernels.cpu_attention) on the CPU. Other names are returned unchanged."""
-    if kernel != "auto":
-        return kernel
-    platform = platform or native.platform()
-    return {"tpu": "splash", "gpu": "dot_product", "cuda": "dot_product", "rocm": "dot_product",
-            "cpu": "cpu_flash"}.get(platform, "reference")
-
-
 def attend(q, k, v, mask: AttentionMask, *, kernel: str, bias=None, scale: float, block_size: int = 512,
            dropout_rate: float = 0.0, dropout_rng=None) -> jax.Array:
     """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H] with the chosen kernel.
 
     `bias` is None, an array [B|1, N, T, S], or a function of (q positions, kv positions) returning one.
     Dropout on the attention probabilities is applied when `dropout_rng` is given (training).
-    'auto' picks by platform (`resolve_kernel`); 'splash', 'cpu_flash' and 'dot_product' fall back to
-    'reference' for the attentions they do not cover (splash: see `splash_supported`; cpu_flash:
-    `cpu_attention.supported`; dot_product: dropout).
+    'auto' picks by platform (`dispatch.resolve_kernel`); the kernels of llmjax.kernels ('splash', 'cpu_flash')
+    and 'dot_product' fall back to 'reference' for the attentions they do not cover (`dispatch.attention`;
+    dot_product: dropout).
     """
-    kernel = resolve_kernel(kernel)
+    kernel = dispatch.resolve_kernel(kernel)
     dropout = dropout_rate > 0.0 and dropout_rng is not None
-    # Several devices without a mesh context (jax.set_mesh): custom kernels cannot be partitioned.
-    partitionable = not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1
-    if kernel == "splash":
-        if partitionable and splash_supported(q, k, mask, bias=bias, dropout=dropout):
-            return splash_attention(q, k, v, mask, scale=scale)
-        kernel = "reference"
-    if kernel == "cpu_flash":
-        from llmjax.kernels import cpu_attention
-
-        same_keys = mask.q_segment_ids is mask.kv_segment_ids and mask.q_positions is mask.kv_positions
-        covered = cpu_attention.supported(q, k, v, causal=mask.causal, prefix=mask.kv_prefix, same_keys=same_keys,
-                                          bias=bias, dropout=dropout)
-        if partitionable and covered and native.platform() == "cpu" and cpu_attention.available():
-            local = lambda q, k, v, seg, pos: cpu_attention.attention(q, k, v, seg, pos, scale=scale)
-            return per_shard(local, q, k, v, mask.q_segment_ids, mask.q_positions)
-        kernel = "reference"
-    if kernel == "dot_product" and dropout:
+    out = dispatch.attention(q, k, v, mask, kernel=kernel, bias=bias, scale=scale, dropout=dropout)
+    if out is not None:
+        return out
+    if kernel in dispatch.ATTENTION_KERNELS or (kernel == "dot_product" and dropout):
         kernel = "reference"
     if kernel == "reference":
         if (mask.causal and mask.kv_prefix is None and q.shape[1] == k.shape[1] and not dropout
@@ -444,16 +399,18 @@ def attend(q, k, v, mask: AttentionMask, *, kernel: str, bias=None, scale: float
     if kernel == "blockwise":
         return blockwise_attention(q, k, v, mask, bias=bias, scale=scale, block_size=block_size,
                                    dropout_rate=dropout_rate, dropout_rng=dropout_rng)
-    raise ValueError(f"model.attention_kernel: unknown kernel {kernel!r}; choose auto, reference, dot_product, "
-                     "blockwise, splash or cpu_flash")
+    raise ValueError(f"model.attention_kernel: unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
 
 
 # ------------------------------------------------------------------------------------------------ module
 class Attention(nnx.Module):
-    """Projections around `attend`. Self-attention when `context` is None, cross-attention otherwise."""
+    """Projections around `attend`: self-attention (causal or not, fixed per layer), or cross-attention to a
+    context (the encoder output) with `cross`."""
 
-    def __init__(self, cfg: ModelConfig, *, cross: bool = False, rngs: nnx.Rngs, out_init_std: float | None = None):
+    def __init__(self, cfg: ModelConfig, *, causal: bool = False, cross: bool = False, rngs: nnx.Rngs,
+                 out_init_std: float | None = None):
         self.cfg, self.cross = cfg, cross
+        self.causal = causal and not cross
         n, kvh, h, d = cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.d_model
 
         def proj(name, in_shape, out_shape, axes, std):
@@ -479,47 +436,18 @@ class Attention(nnx.Module):
             k = apply_rope(k, positions, self.cfg.rope_theta)
         return k, v
 
-    def cross_cache(self, context, segment_ids, positions) -> KVCache:
-        """Cross-attention keys/values of the encoder output, computed once for decoding."""
-        k, v = self.kv(context, positions)
-        b, s = segment_ids.shape
-        return KVCache(k, v, segment_ids, positions, jnp.zeros((b, s), bool), jnp.asarray(s, jnp.int32))
-
-    def packed_self_attention(self, x, segment_ids, positions, *, causal, prefix, bias, cache, dropout):
-        """Causal self-attention on the C++ CPU kernel straight from one matmul on the q, k and v kernels side by
-        side (`fused_linear`): the kernel reads q, k and v in place and writes their gradient as one array, so no
-        split or concat copies surround it. None where this path does not apply (then q, k and v are computed
-        and split as usual): decoding, RoPE, grouped-query heads, any attention the kernel does not cover, not
-        one CPU device."""
-        from llmjax.kernels import cpu_attention
-
-        cfg = self.cfg
-        b, t = x.shape[:2]
-        n, h = cfg.num_heads, cfg.head_size
-        heads = jax.ShapeDtypeStruct((b, t, n, h), self.q.dtype)  # q, k and v (no grouped-query heads)
-        if (cache is not None or self.rope or cfg.kv_heads != n
-                or resolve_kernel(cfg.attention_kernel) != "cpu_flash"
-                or not cpu_attention.supported(heads, heads, heads, causal=causal, prefix=prefix, same_keys=True,
-                                               bias=bias, dropout=dropout)
-                or not cpu_attention.available()):
-            return None
-        # [B*T, 3*N*H]; None unless on the CPU matmul kernel (float32, one CPU device)
-        qkv = fused_linear(x, (self.q, self.k, self.v))
-        if qkv is None:
-            return None
-        return cpu_attention.attention_packed(qkv.reshape(b, t, 3 * n, h), segment_ids, positions, scale=self.scale)
+    def cross_cache(self, context: jax.Array, layout: TokenLayout) -> KVCache:
+        """Cross-attention keys/values of the encoder output (laid out as `layout`), computed once for decoding."""
+        k, v = self.kv(context, layout.positions)
+        b, s = layout.segment_ids.shape
+        return KVCache(k, v, layout.segment_ids, layout.positions, jnp.zeros((b, s), bool), jnp.asarray(s, jnp.int32))
 
     def __call__(
         self,
         x: jax.Array,  # [B, T, D]
-        segment_ids: jax.Array,  # [B, T]
-        positions: jax.Array,  # [B, T]
+        layout: TokenLayout,  # of x's tokens (cross-attention: layout.context, of the context's tokens)
         *,
-        causal: bool = False,
-        prefix: jax.Array | None = None,  # [B, T] bool, keys in the bidirectional prefix (self-attention)
         context: jax.Array | None = None,  # [B, S, D] encoder output (cross-attention)
-        context_segment_ids: jax.Array | None = None,
-        context_positions: jax.Array | None = None,
         bias: jax.Array | BiasFn | None = None,
         cache: KVCache | None = None,
         deterministic: bool = True,
@@ -527,31 +455,31 @@ class Attention(nnx.Module):
         if self.cross:
             q = self.q(x)  # [B, T, N, H]
             if cache is not None:  # encoder K/V computed once by cross_cache
-                k, v = cache.k, cache.v
-                kv_seg, kv_pos = cache.segment_ids, cache.positions
+                k, v, keys = cache.k, cache.v, cache.layout
             else:
-                k, v = self.kv(context, context_positions)
-                kv_seg, kv_pos = context_segment_ids, context_positions
-            mask = AttentionMask(segment_ids, kv_seg, positions, kv_pos, None, causal=False)
+                k, v = self.kv(context, layout.context.positions)
+                keys = layout.context
+            mask = AttentionMask.between(layout, keys, causal=False)
         else:
             dropout = not deterministic and self.dropout_rate > 0
-            out = self.packed_self_attention(x, segment_ids, positions, causal=causal, prefix=prefix, bias=bias,
-                                             cache=cache, dropout=dropout)
-            if out is not None:
-                return self.o(out), cache
+            if cache is None and not self.rope:  # q, k and v straight from their projection: a kernel may take over
+                heads = lambda n: jax.ShapeDtypeStruct((*x.shape[:2], n, self.cfg.head_size), self.q.dtype)
+                out = dispatch.packed_self_attention(
+                    lambda: matmul_side_by_side(x, (self.q, self.k, self.v)),
+                    AttentionMask.between(layout, layout, causal=self.causal), q=heads(self.cfg.num_heads),
+                    kv=heads(self.cfg.kv_heads), kernel=self.cfg.attention_kernel, bias=bias, scale=self.scale,
+                    dropout=dropout)
+                if out is not None:
+                    return self.o(out), cache
             q, k, v = linear_group(x, (self.q, self.k, self.v))  # [B, T, N|K, H]
             if self.rope:
-                q = apply_rope(q, positions, self.cfg.rope_theta)
-                k = apply_rope(k, positions, self.cfg.rope_theta)
-            kv_prefix = prefix
+                q = apply_rope(q, layout.positions, self.cfg.rope_theta)
+                k = apply_rope(k, layout.positions, self.cfg.rope_theta)
+            keys = layout
             if cache is not None:
-                pre = prefix if prefix is not None else jnp.zeros(segment_ids.shape, bool)
-                cache = cache.append(k, v, segment_ids, positions, pre)
-                k, v = cache.k, cache.v
-                segment_kv, positions_kv, kv_prefix = cache.segment_ids, cache.positions, cache.prefix
-            else:
-                segment_kv, positions_kv = segment_ids, positions
-            mask = AttentionMask(segment_ids, segment_kv, positions, positions_kv, kv_prefix, causal=causal)
+                cache = cache.append(k, v, layout)
+                k, v, keys = cache.k, cache.v, cache.layout
+            mask = AttentionMask.between(layout, keys, causal=self.causal)
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0:
             dropout_rng = self.rngs.dropout()

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llmjax.kernels import cpu_matmul
+from llmjax.kernels import dispatch
 from llmjax.models.config import ACTIVATIONS, ModelConfig
 
 Shape = tuple[int, ...]
@@ -33,10 +33,10 @@ BATCH_MESH_AXES = ("data", "fsdp", "expert")  # as llmjax.sharding.BATCH_AXES (k
 
 
 def matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *, transpose_w: bool = False) -> jax.Array:
-    """x [rows, K] @ w [K, N] (w [N, K] transposed with transpose_w) + bias [N]: on one CPU device in float32
-    OpenBLAS through llmjax.kernels.cpu_matmul (faster there than XLA's dot), else XLA's dot."""
-    if cpu_matmul.usable(x, w):
-        return cpu_matmul.matmul(x, w, bias, transpose_w=transpose_w)
+    """x [rows, K] @ w [K, N] (w [N, K] transposed with transpose_w) + bias [N]."""
+    y = dispatch.matmul(x, w, bias, transpose_w=transpose_w)  # a kernel, where one runs faster than XLA's dot
+    if y is not None:
+        return y
     y = x @ (w.T if transpose_w else w)
     return y if bias is None else y + bias
 
@@ -106,18 +106,27 @@ class Linear(nnx.Module):
         else:
             self.lora_a = self.lora_b = None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def rows(self, x: jax.Array) -> jax.Array:
+        """x [..., *in_shape] -> [rows, prod(in_shape)] in the compute dtype."""
         n_in = len(self.in_shape)
         if x.shape[x.ndim - n_in:] != self.in_shape:
             raise ValueError(f"Linear expects trailing dims {self.in_shape}, got input of shape {x.shape}")
-        lead = x.shape[: x.ndim - n_in]
+        return x.reshape(-1, math.prod(self.in_shape)).astype(self.dtype)
+
+    def operands(self) -> tuple[jax.Array, jax.Array | None]:
+        """The layer as one 2-D matmul's operands in the compute dtype: (kernel [prod(in), prod(out)], bias
+        [prod(out)] or None); with LoRA the frozen base kernel (the adapter's term is `__call__`'s)."""
         k_in, k_out = math.prod(self.in_shape), math.prod(self.out_shape)
-        x2 = x.reshape(-1, k_in).astype(self.dtype)  # [rows, in]
         w = self.kernel[...]
         if self.lora_rank:
             w = jax.lax.stop_gradient(w)  # frozen base: only the adapter trains
         bias = None if self.bias is None else self.bias[...].reshape(k_out).astype(self.dtype)
-        y = matmul(x2, w.reshape(k_in, k_out).astype(self.dtype), bias)  # [rows, out]
+        return w.reshape(k_in, k_out).astype(self.dtype), bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[: x.ndim - len(self.in_shape)]
+        x2 = self.rows(x)  # [rows, in]
+        y = matmul(x2, *self.operands())  # [rows, out]
         if self.lora_rank:
             a, b = self.lora_a[...].astype(self.dtype), self.lora_b[...].astype(self.dtype)
             y = y + ((x2 @ a) @ b) * self.lora_scale
@@ -132,32 +141,23 @@ class Linear(nnx.Module):
         return w + delta.reshape(w.shape).astype(w.dtype)
 
 
-def fused_linear(x: jax.Array, layers: Sequence[Linear]) -> jax.Array | None:
-    """The outputs of Linear layers that read the same input (e.g. the q, k and v projections of self-attention)
-    side by side, [rows, sum of their output sizes], from one matmul on their kernels side by side: one bigger
-    GEMM and one bias pass instead of several. Only where that matmul runs on the CPU kernel (`matmul`) and no
-    layer has LoRA; None elsewhere (`linear_group` then calls the layers one by one): side by side, kernels
-    sharded over a mesh axis would have to be resharded, and on XLA's dot the split output costs what the bigger
-    matmul saves."""
+def matmul_side_by_side(x: jax.Array, layers: Sequence[Linear]) -> jax.Array | None:
+    """The outputs of Linear layers that read the same input x (e.g. the q, k and v projections of self-attention)
+    side by side, [rows, sum of their output sizes], from one matmul on their kernels side by side where a kernel
+    runs that (`dispatch.matmul_side_by_side`); None elsewhere, and for layers that cannot share one matmul (LoRA,
+    other input shapes or dtypes, a bias on some only)."""
     first = layers[0]
-    n_in = len(first.in_shape)
-    if x.shape[x.ndim - n_in:] != first.in_shape:
-        raise ValueError(f"Linear expects trailing dims {first.in_shape}, got input of shape {x.shape}")
-    x2 = x.reshape(-1, math.prod(first.in_shape)).astype(first.dtype)
-    if (len(layers) < 2 or any(m.lora_rank or m.in_shape != first.in_shape or m.dtype != first.dtype
-                               or (m.bias is None) != (first.bias is None) for m in layers)
-            or not cpu_matmul.usable(x2, jax.ShapeDtypeStruct(
-                (x2.shape[1], sum(math.prod(m.out_shape) for m in layers)), first.dtype))):
+    x2 = first.rows(x)
+    if len(layers) < 2 or any(m.lora_rank or m.in_shape != first.in_shape or m.dtype != first.dtype
+                              or (m.bias is None) != (first.bias is None) for m in layers):
         return None
-    w = jnp.concatenate([m.kernel[...].reshape(x2.shape[1], -1).astype(first.dtype) for m in layers], axis=1)
-    bias = None if first.bias is None else jnp.concatenate(
-        [m.bias[...].reshape(-1).astype(first.dtype) for m in layers])
-    return cpu_matmul.matmul(x2, w, bias)
+    ws, biases = zip(*(m.operands() for m in layers))
+    return dispatch.matmul_side_by_side(x2, ws, None if first.bias is None else biases)
 
 
 def linear_group(x: jax.Array, layers: Sequence[Linear]) -> list[jax.Array]:
-    """[layer(x) for layer in layers], from one matmul where `fused_linear` applies."""
-    y = fused_linear(x, layers)
+    """[layer(x) for layer in layers], from one matmul where `matmul_side_by_side` applies."""
+    y = matmul_side_by_side(x, layers)
     if y is None:
         return [m(x) for m in layers]
     lead, out, start = x.shape[: x.ndim - len(layers[0].in_shape)], [], 0
@@ -283,31 +283,14 @@ class MLP(nnx.Module):
         self.wo = Linear(cfg.mlp_dim, cfg.d_model, axes=("mlp", "embed"), init_std=out_init_std or cfg.init_std, **common)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
-        y = self._fused(x)
-        if y is not None:
-            return y
         if self.gated:
             h = self.act(self.wi_0(x)) * self.wi_1(x)  # [B, T, F]
-        else:
-            h = self.act(self.wi(x))
-        return self.wo(h)
-
-    def _fused(self, x: jax.Array) -> jax.Array | None:
-        """wo(act(wi x)) as one cpu_matmul.mlp where both matmuls run on the CPU kernel (`matmul`), the activation
-        is exact GELU or ReLU and there is no LoRA: the activation and its gradient are applied inside the
-        matmuls. None elsewhere."""
-        if self.gated or self.act_name not in cpu_matmul.ACTIVATIONS or self.wi.lora_rank or self.wo.lora_rank:
-            return None
-        wi, wo = self.wi, self.wo
-        if x.shape[-1:] != wi.in_shape:
-            raise ValueError(f"MLP expects trailing dim {wi.in_shape}, got input of shape {x.shape}")
-        x2 = x.reshape(-1, x.shape[-1]).astype(wi.dtype)
-        w1, w2 = wi.kernel[...].astype(wi.dtype), wo.kernel[...].astype(wo.dtype)
-        if wo.dtype != wi.dtype or not (cpu_matmul.usable(x2, w1) and cpu_matmul.usable(x2, w2)):
-            return None
-        bias = lambda m: None if m.bias is None else m.bias[...].astype(m.dtype)
-        y = cpu_matmul.mlp(x2, w1, bias(wi), w2, bias(wo), self.act_name)
-        return shard_batch(y.reshape(x.shape))
+            return self.wo(h)
+        if not (self.wi.lora_rank or self.wo.lora_rank):  # a kernel may apply the activation inside its matmuls
+            y = dispatch.mlp(self.wi.rows(x), *self.wi.operands(), *self.wo.operands(), self.act_name)
+            if y is not None:
+                return shard_batch(y.reshape(x.shape))
+        return self.wo(self.act(self.wi(x)))
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int, max_timescale: float = 10000.0) -> jax.Array:

@@ -12,30 +12,22 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llmjax.models.attention import Attention, KVCache
+from llmjax.models.attention import Attention, KVCache, TokenLayout
 from llmjax.models.config import ModelConfig
 from llmjax.models.layers import MLP, Embed, Linear, Norm, RelativePositionBias, activation_fn, sinusoidal_embedding
 from llmjax.models.moe import MoE, collect_stats, record
-
-
-def default_segments_positions(tokens, segment_ids=None, positions=None):
-    """No segment ids: one sequence per row, nothing padded. No positions: 0, 1, 2, ..."""
-    if segment_ids is None:
-        segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    return segment_ids, positions
 
 
 class Block(nnx.Module):
     """Self-attention (+ cross-attention) + MLP (or mixture of experts), each a residual branch; pre-norm or
     post-norm."""
 
-    def __init__(self, cfg: ModelConfig, *, cross: bool, rngs: nnx.Rngs, num_layers: int, layer_index: int = 0):
+    def __init__(self, cfg: ModelConfig, *, causal: bool, cross: bool, rngs: nnx.Rngs, num_layers: int,
+                 layer_index: int = 0):
         self.pre = cfg.norm_position == "pre"
         # GPT-2-style scaled init of the projections that write into the residual stream.
         out_std = cfg.init_std / math.sqrt(2 * num_layers)
-        self.self_attn = Attention(cfg, rngs=rngs, out_init_std=out_std)
+        self.self_attn = Attention(cfg, causal=causal, rngs=rngs, out_init_std=out_std)
         self.self_attn_norm = Norm(cfg)
         if cross:
             self.cross_attn = Attention(cfg, cross=True, rngs=rngs, out_init_std=out_std)
@@ -54,26 +46,21 @@ class Block(nnx.Module):
         y, extra = fn(x)
         return norm(x + self.dropout(y, deterministic=deterministic)), extra
 
-    def __call__(self, x, segment_ids, positions, *, causal, prefix=None, bias=None, context=None,
-                 context_segment_ids=None, context_positions=None, cache=None, cross_cache=None,
+    def __call__(self, x, layout: TokenLayout, *, bias=None, context=None, cache=None, cross_cache=None,
                  deterministic=True):
         x, cache = self._residual(
             x, self.self_attn_norm,
-            lambda h: self.self_attn(h, segment_ids, positions, causal=causal, prefix=prefix, bias=bias,
-                                     cache=cache, deterministic=deterministic),
+            lambda h: self.self_attn(h, layout, bias=bias, cache=cache, deterministic=deterministic),
             deterministic,
         )
         if self.cross_attn is not None:
             x, _ = self._residual(
                 x, self.cross_attn_norm,
-                lambda h: self.cross_attn(h, segment_ids, positions, context=context,
-                                          context_segment_ids=context_segment_ids,
-                                          context_positions=context_positions, cache=cross_cache,
-                                          deterministic=deterministic),
+                lambda h: self.cross_attn(h, layout, context=context, cache=cross_cache, deterministic=deterministic),
                 deterministic,
             )
         if self.moe:  # padding tokens (segment 0) take no expert capacity and no part in the router losses
-            ffn = lambda h: (self.mlp(h, segment_ids > 0, deterministic=deterministic), None)
+            ffn = lambda h: (self.mlp(h, layout.segment_ids > 0, deterministic=deterministic), None)
         else:
             ffn = lambda h: (self.mlp(h), None)
         x, _ = self._residual(x, self.mlp_norm, ffn, deterministic)
@@ -86,21 +73,23 @@ class Stack(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
         self.cfg, self.causal = cfg, causal
-        self.layers = nnx.List([Block(cfg, cross=cross, rngs=rngs, num_layers=num_layers, layer_index=i)
-                                for i in range(num_layers)])
+        self.layers = nnx.List([Block(cfg, causal=causal, cross=cross, rngs=rngs, num_layers=num_layers,
+                                      layer_index=i) for i in range(num_layers)])
         self.relative_bias = (
             RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs) if cfg.position == "relative" else None
         )
         self.final_norm = Norm(cfg) if cfg.norm_position == "pre" else None
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
-    def __call__(self, x, segment_ids, positions, *, prefix=None, context=None, context_segment_ids=None,
-                 context_positions=None, caches=None, cross_caches=None, deterministic=True):
+    def __call__(self, x, layout: TokenLayout, *, context=None, caches=None, cross_caches=None, deterministic=True):
+        """x [B, T, D] laid out as `layout` -> [B, T, D] (and the updated caches when given: decoding).
+        `context` [B, S, D] is the encoder output that cross-attention reads (laid out as layout.context)."""
         bias = None
         if self.relative_bias is not None:
             if self.cfg.attention_kernel == "blockwise":
                 bias = self.relative_bias  # evaluated per tile, never [T, S] at once
             else:
+                positions = layout.positions
                 kv_pos = positions if caches is None else caches[0].positions
                 if caches is not None:  # the keys are the cache slots: their positions after this write
                     kv_pos = jax.lax.dynamic_update_slice_in_dim(kv_pos, positions, caches[0].index, axis=1)
@@ -108,44 +97,34 @@ class Stack(nnx.Module):
         new_caches = []
         for i, layer in enumerate(self.layers):
             if caches is None and self.cfg.remat != "none":
-                x = self._remat_layer(layer, x, segment_ids, positions, prefix, bias, context,
-                                      context_segment_ids, context_positions, deterministic)
+                x = self._remat_layer(layer, x, layout, bias, context, deterministic)
                 continue
-            x, c = layer(
-                x, segment_ids, positions, causal=self.causal, prefix=prefix, bias=bias, context=context,
-                context_segment_ids=context_segment_ids, context_positions=context_positions,
-                cache=None if caches is None else caches[i],
-                cross_cache=None if cross_caches is None else cross_caches[i], deterministic=deterministic,
-            )
+            x, c = layer(x, layout, bias=bias, context=context, cache=None if caches is None else caches[i],
+                         cross_cache=None if cross_caches is None else cross_caches[i], deterministic=deterministic)
             new_caches.append(c)
         if self.final_norm is not None:
             x = self.dropout(self.final_norm(x), deterministic=deterministic)
         return x, (new_caches if caches is not None else None)
 
-
-    def _remat_layer(self, layer, x, segment_ids, positions, prefix, bias, context, context_segment_ids,
-                     context_positions, deterministic):
+    def _remat_layer(self, layer, x, layout, bias, context, deterministic):
         """One block under jax.checkpoint: its activations are recomputed in the backward pass.
         (Split/merge by hand: the layer's dropout RNG state must flow out of the checkpointed function.)"""
         policy = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[self.cfg.remat]
         graphdef, state = nnx.split(layer)
-        causal = self.causal
 
-        def body(state, x, segment_ids, positions, prefix, bias, context, context_segment_ids, context_positions):
+        def body(state, x, layout, bias, context):
             block = nnx.merge(graphdef, state)
             with collect_stats() as stats:  # MoE statistics leave the checkpoint as outputs, not as tracers
-                out, _ = block(x, segment_ids, positions, causal=causal, prefix=prefix, bias=bias, context=context,
-                               context_segment_ids=context_segment_ids, context_positions=context_positions,
-                               deterministic=deterministic)
+                out, _ = block(x, layout, bias=bias, context=context, deterministic=deterministic)
             return out, jax.tree.leaves(nnx.state(block)), stats  # plain arrays: Variables must not leave the trace
 
         if isinstance(bias, nnx.Module):  # the blockwise kernel's bias function: pass its table through too
             bias_def, bias_state = nnx.split(bias)
             inner = body
-            body = lambda state, x, s, p, pre, bstate, *rest: inner(state, x, s, p, pre, nnx.merge(bias_def, bstate), *rest)
+            body = lambda state, x, layout, bstate, context: inner(state, x, layout, nnx.merge(bias_def, bstate),
+                                                                   context)
             bias = bias_state
-        out, leaves, stats = jax.checkpoint(body, policy=policy, prevent_cse=True)(
-            state, x, segment_ids, positions, prefix, bias, context, context_segment_ids, context_positions)
+        out, leaves, stats = jax.checkpoint(body, policy=policy, prevent_cse=True)(state, x, layout, bias, context)
         nnx.update(layer, jax.tree.unflatten(jax.tree.structure(state), leaves))
         for s in stats:
             record(s)
@@ -219,12 +198,16 @@ class DecoderOnly(nnx.Module):
 
         segment_ids: packed documents 1, 2, ..., padding 0; positions restart per document;
         prefix_mask: True on tokens of the bidirectionally visible prefix (prefix LM)."""
-        segment_ids, positions = default_segments_positions(tokens, segment_ids, positions)
-        x = self.embedder(tokens, positions, deterministic=deterministic)
-        x, cache = self.decoder(x, segment_ids, positions, prefix=prefix_mask, caches=cache,
-                                deterministic=deterministic)
+        x, cache = self.hidden(tokens, segment_ids, positions, prefix_mask=prefix_mask, cache=cache,
+                               deterministic=deterministic)
         logits = self.lm_head(x, self.embedder)
         return (logits, cache) if cache is not None else logits
+
+    def hidden(self, tokens, segment_ids=None, positions=None, *, prefix_mask=None, cache=None, deterministic=True):
+        """The decoder stack's output [B, T, D] (before the logits) and the updated cache (None without one)."""
+        layout = TokenLayout.of(tokens, segment_ids, positions, prefix=prefix_mask)
+        x = self.embedder(tokens, layout.positions, deterministic=deterministic)
+        return self.decoder(x, layout, caches=cache, deterministic=deterministic)
 
     def init_cache(self, batch: int, length: int) -> list[KVCache]:
         c = self.cfg
@@ -253,9 +236,9 @@ class EncoderOnly(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
     def encode(self, tokens, segment_ids=None, positions=None, token_type_ids=None, deterministic=True):
-        segment_ids, positions = default_segments_positions(tokens, segment_ids, positions)
-        x = self.embedder(tokens, positions, token_type_ids, deterministic=deterministic)
-        x, _ = self.encoder(x, segment_ids, positions, deterministic=deterministic)
+        layout = TokenLayout.of(tokens, segment_ids, positions)
+        x = self.embedder(tokens, layout.positions, token_type_ids, deterministic=deterministic)
+        x, _ = self.encoder(x, layout, deterministic=deterministic)
         return x  # [B, T, D]
 
     def mlm_logits(self, hidden) -> jax.Array:  # [B, T, D] -> [B, T, V]
@@ -294,43 +277,36 @@ class EncoderDecoder(nnx.Module):
         self.lm_head = LMHead(cfg, rngs=rngs)
 
     def encode(self, tokens, segment_ids=None, positions=None, deterministic=True):
-        segment_ids, positions = default_segments_positions(tokens, segment_ids, positions)
-        x = self.embedder(tokens, positions, deterministic=deterministic)
-        x, _ = self.encoder(x, segment_ids, positions, deterministic=deterministic)
+        layout = TokenLayout.of(tokens, segment_ids, positions)
+        x = self.embedder(tokens, layout.positions, deterministic=deterministic)
+        x, _ = self.encoder(x, layout, deterministic=deterministic)
         return x
 
     def decode(self, tokens, encoded, encoder_segment_ids=None, encoder_positions=None, segment_ids=None,
                positions=None, *, cache=None, cross_cache=None, deterministic=True):
         """Decoder logits [B, T, V] given the encoder output [B, S, D] (or its cross_cache)."""
-        segment_ids, positions = default_segments_positions(tokens, segment_ids, positions)
-        if encoded is not None:
-            encoder_segment_ids, encoder_positions = default_segments_positions(
-                encoded[..., 0], encoder_segment_ids, encoder_positions)
-        x = self.embedder(tokens, positions, deterministic=deterministic)
-        x, cache = self.decoder(
-            x, segment_ids, positions, context=encoded, context_segment_ids=encoder_segment_ids,
-            context_positions=encoder_positions, caches=cache, cross_caches=cross_cache, deterministic=deterministic,
-        )
+        context = None if encoded is None else TokenLayout.of(encoded[..., 0], encoder_segment_ids, encoder_positions)
+        layout = TokenLayout.of(tokens, segment_ids, positions, context=context)
+        x = self.embedder(tokens, layout.positions, deterministic=deterministic)
+        x, cache = self.decoder(x, layout, context=encoded, caches=cache, cross_caches=cross_cache,
+                                deterministic=deterministic)
         logits = self.lm_head(x, self.embedder)
         return (logits, cache) if cache is not None else logits
 
     def __call__(self, encoder_tokens, decoder_tokens, encoder_segment_ids=None, decoder_segment_ids=None,
                  encoder_positions=None, decoder_positions=None, deterministic=True):
-        encoder_segment_ids, encoder_positions = default_segments_positions(
-            encoder_tokens, encoder_segment_ids, encoder_positions)
-        encoded = self.encode(encoder_tokens, encoder_segment_ids, encoder_positions, deterministic)
-        return self.decode(decoder_tokens, encoded, encoder_segment_ids, encoder_positions, decoder_segment_ids,
+        enc = TokenLayout.of(encoder_tokens, encoder_segment_ids, encoder_positions)
+        encoded = self.encode(encoder_tokens, enc.segment_ids, enc.positions, deterministic)
+        return self.decode(decoder_tokens, encoded, enc.segment_ids, enc.positions, decoder_segment_ids,
                            decoder_positions, deterministic=deterministic)
 
     def init_cache(self, batch: int, length: int, encoded, encoder_segment_ids=None, encoder_positions=None):
         """Empty self-attention caches and the cross-attention K/V of `encoded`, computed once."""
         c = self.cfg
-        encoder_segment_ids, encoder_positions = default_segments_positions(
-            encoded[..., 0], encoder_segment_ids, encoder_positions)
+        context = TokenLayout.of(encoded[..., 0], encoder_segment_ids, encoder_positions)
         self_caches = [KVCache.empty(batch, length, c.kv_heads, c.head_size, jnp.dtype(c.dtype))
                        for _ in range(c.decoder_layers)]
-        cross = [layer.cross_attn.cross_cache(encoded, encoder_segment_ids, encoder_positions)
-                 for layer in self.decoder.layers]
+        cross = [layer.cross_attn.cross_cache(encoded, context) for layer in self.decoder.layers]
         return self_caches, cross
 
 

@@ -8,9 +8,7 @@ from typing import Any
 
 import numpy as np
 
-# Must equal llmjax.models.config.FAMILIES (a test checks it); kept here so the data pipeline does not import
-# the model code.
-FAMILIES = ("decoder", "encoder", "encoder_decoder")
+from llmjax.models.config import FAMILIES  # the config module only: the data pipeline stays free of model code
 
 # objective name -> model families it can train. The single source of truth: the objective classes read it.
 OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
@@ -20,14 +18,15 @@ OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "span_corruption": ("encoder_decoder", "decoder"),
 }
 
-# objective name -> (module, objective class, config class); imported lazily so that the objective modules can
-# import the helpers below without a cycle.
+# objective name -> (module, objective class, config class, the config field that train.seq_length fills);
+# imported lazily so that the objective modules can import the helpers below without a cycle.
 _CLASSES = {
-    "causal_lm": ("causal_lm", "CausalLM", "CausalLMConfig"),
-    "prefix_lm": ("prefix_lm", "PrefixLM", "PrefixLMConfig"),
-    "mlm": ("mlm", "MLM", "MLMConfig"),
-    "span_corruption": ("span_corruption", "SpanCorruption", "SpanCorruptionConfig"),
+    "causal_lm": ("causal_lm", "CausalLM", "CausalLMConfig", "max_length"),
+    "prefix_lm": ("prefix_lm", "PrefixLM", "PrefixLMConfig", "max_length"),
+    "mlm": ("mlm", "MLM", "MLMConfig", "max_length"),
+    "span_corruption": ("span_corruption", "SpanCorruption", "SpanCorruptionConfig", "inputs_length"),
 }
+OBJECTIVES = tuple(OBJECTIVE_FAMILIES)
 
 
 def check_family(objective: str, family: str) -> None:
@@ -48,9 +47,17 @@ def make_objective(name: str, ids, family: str, **config: Any):
     """Build objective `name` for `family` from the special ids and its config fields, e.g.
     make_objective("mlm", SpecialIds(32000), "encoder", max_length=128)."""
     check_family(name, family)
-    module_name, cls_name, config_name = _CLASSES[name]
+    module_name, cls_name, config_name, _ = _CLASSES[name]
     module = importlib.import_module(f"{__name__}.{module_name}")
     return getattr(module, cls_name)(getattr(module, config_name)(**config), ids, family=family)
+
+
+def objective_config(name: str, args: dict | None, seq_length: int) -> dict:
+    """The fields of objective `name`'s config: `args` (the run's objective_args) plus the row length
+    train.seq_length in the field the objective reads it from, unless `args` sets it."""
+    out = dict(args or {})
+    out.setdefault(_CLASSES[name][3], int(seq_length))
+    return out
 
 
 # ----------------------------------------------------------------------------------------- shared helpers

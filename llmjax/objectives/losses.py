@@ -9,7 +9,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from llmjax.kernels import cpu_cross_entropy
+from llmjax.kernels import dispatch
 
 
 class LossSums(NamedTuple):
@@ -75,11 +75,11 @@ def token_cross_entropy(
     `correct` is argmax(logits) == target."""
     logits = logits.astype(jnp.float32)  # the softmax in the compute dtype loses too much in bf16
     targets = targets.astype(jnp.int32)
-    if cpu_cross_entropy.usable(logits):  # one CPU device: every statistic from one read of the logits
-        lse, target_logit, mean_logit, correct = cpu_cross_entropy.softmax_stats(logits, targets, bool(label_smoothing))
-    else:
+    stats = dispatch.softmax_stats(logits, targets, bool(label_smoothing))  # a kernel: all from one read
+    if stats is None:
         lse, target_logit, mean_logit = _softmax_stats(logits, targets, bool(label_smoothing))
-        correct = argmax_matches(logits, targets, target_logit)
+        stats = lse, target_logit, mean_logit, argmax_matches(logits, targets, target_logit)
+    lse, target_logit, mean_logit, correct = stats
     loss = lse - target_logit  # -log p_target
     if label_smoothing:
         mean_log_p = mean_logit - lse  # (1/V) sum_v log p_v

@@ -23,18 +23,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from test_train import optim, synthetic_batches, tiny_cfg  # noqa: E402
 
 from llmjax import sharding as shd  # noqa: E402
-from llmjax import train  # noqa: E402
+from llmjax.state import init_state, make_optimizer  # noqa: E402
+from llmjax.step import batch_shardings, global_batch, make_train_step  # noqa: E402
 
 cfg = tiny_cfg()
 mesh = shd.make_mesh(shd.mesh_config(data=2, fsdp=-1))
-tx = train.make_optimizer(optim(), total_steps=10)
-graphdef, state, state_sh = train.init_state(cfg, tx, mesh, shd.rules_dict(shd.DEFAULT_RULES), seed=0)
+tx = make_optimizer(optim(), total_steps=10)
+graphdef, state, state_sh = init_state(cfg, tx, mesh, shd.rules_dict(shd.DEFAULT_RULES), seed=0)
 batches = synthetic_batches(5)
 rows = batches[0]["inputs"].shape[0] // jax.process_count()
 local = lambda b: {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in b.items()}
-step = train.make_train_step(graphdef, tx, state_sh, train.batch_shardings(mesh, batches[0]))
+step = make_train_step(graphdef, tx, state_sh, batch_shardings(mesh, batches[0]))
 losses = []
 for b in batches:
-    state, metrics = step(state, train.global_batch(local(b), mesh))  # each process gives only its own rows
+    state, metrics = step(state, global_batch(local(b), mesh))  # each process gives only its own rows
     losses.append(float(metrics["loss"]))
 print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses}), flush=True)

@@ -142,7 +142,6 @@ TINY_MODEL = dict(vocab_size=VOCAB, d_model=32, mlp_dim=64, num_layers=2, num_he
 def random_export(family: str, **model) -> pathlib.Path:
     """An export directory (config.json + params/ + tokenizer.model) of an untrained tiny `family` model, as
     `llmjax export` writes it: a fast stand-in for a pretrained run."""
-    import json
     import shutil
 
     import orbax.checkpoint as ocp

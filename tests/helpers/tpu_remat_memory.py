@@ -18,7 +18,8 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
 from llmjax import sharding as shd  # noqa: E402
-from llmjax import train  # noqa: E402
+from llmjax.state import default_optim_config, init_state_abstract, make_optimizer  # noqa: E402
+from llmjax.step import make_train_step  # noqa: E402
 from llmjax.models.config import ModelConfig  # noqa: E402
 
 jax.config.update("jax_exec_time_optimization_effort", -1.0)
@@ -26,7 +27,7 @@ jax.config.update("jax_exec_time_optimization_effort", -1.0)
 devices = topologies.get_topology_desc("v5e:2x2", "tpu").devices
 mesh = shd.make_mesh(shd.mesh_config(data=1, fsdp=4), devices)
 rules = shd.rules_dict(shd.DEFAULT_RULES)
-tx = train.make_optimizer(train.default_optim_config(), 100)
+tx = make_optimizer(default_optim_config(), 100)
 B, T = 16, 512
 keys = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32, "segment_ids": jnp.int32,
         "positions": jnp.int32}
@@ -36,8 +37,8 @@ out = {}
 for remat in ("none", "full"):  # save_dots, in between, is checked on the CPU (tests/test_train.py)
     cfg = ModelConfig(family="decoder", vocab_size=1024, d_model=256, num_layers=4, num_heads=4, mlp_dim=1024,
                       max_length=T, remat=remat, attention_kernel="reference")  # saves its [T, T] probabilities
-    graphdef, abstract, state_sh = train.init_state_abstract(cfg, tx, mesh, rules, seed=0)
-    step = train.make_train_step(graphdef, tx, state_sh, batch_sh)
+    graphdef, abstract, state_sh = init_state_abstract(cfg, tx, mesh, rules, seed=0)
+    step = make_train_step(graphdef, tx, state_sh, batch_sh)
     mem = step.lower(abstract, batch).compile().memory_analysis()
     out[remat] = {"temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes}
 print(json.dumps(out), flush=True)

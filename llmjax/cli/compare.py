@@ -1,0 +1,39 @@
+"""`llmjax compare --grid FILE --workdir DIR`: train every cell of a grid (a model family x an objective) for the
+same FLOP budget and compare them on the same held-out yardsticks (llmjax.compare)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from llmjax.cli.flags import setup_logging
+from llmjax.compare import CELLS, __doc__ as compare_doc, compare, load_grid, results_table
+from llmjax.models.config import ConfigError
+
+EXAMPLE = "llmjax compare --grid configs/compare/objectives.py --workdir runs/compare"
+
+
+def main(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llmjax compare", description=compare_doc.split("\n\n")[0],
+                                     epilog=f"example: {EXAMPLE}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", required=True, help="grid file with get_grid(), e.g. configs/compare/objectives.py")
+    parser.add_argument("--workdir", required=True, help="cells, RESULTS.md, results.json and plots go here")
+    parser.add_argument("--max-cells", type=int, default=None, help="train at most this many unfinished cells")
+    parser.add_argument("--budget-flops", type=float, default=None, help="override the grid's budget_flops")
+    ns = parser.parse_args(args)
+    setup_logging()
+    try:
+        grid = load_grid(ns.grid)
+        if ns.budget_flops is not None:
+            grid.budget_flops = ns.budget_flops
+        results = compare(grid, ns.workdir, max_cells=ns.max_cells)
+    except ConfigError as e:
+        raise SystemExit(f"llmjax compare: {e}") from None
+    print(results_table(results))
+    print(f"wrote {Path(ns.workdir) / 'RESULTS.md'}, results.json, loss_vs_flops.png, yardsticks.png")
+    failed = [r["name"] for r in results["cells"] if r["status"] == "failed"]
+    if failed:
+        print(f"failed cells: {', '.join(failed)} (see {Path(ns.workdir) / CELLS}/<name>/error.txt); run again to "
+              "retry them", flush=True)
+        return 1
+    return 0

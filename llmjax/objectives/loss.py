@@ -1,0 +1,80 @@
+"""What each objective trains the model on: its loss and the weights that normalize it.
+
+A loss function is `loss_fn(model, batch, *, label_smoothing, z_loss, deterministic) -> (total, {part:
+LossSums})` over the batch keys of llmjax.data.packing; a weights function `weights_fn(batch) -> {part: total
+weight}` (data only, known before the forward pass). The train step divides each part's summed loss by its
+weight over the whole global batch. A new objective whose examples carry the usual keys uses `lm_loss`; one
+with other outputs adds its functions here and names them in OBJECTIVE_LOSS.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from llmjax.objectives import OBJECTIVE_FAMILIES, losses
+
+
+def lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: float = 0.0, deterministic: bool = True):
+    """Token cross-entropy on the targets: decoder-only rows (inputs/targets/weights, optional prefix_mask) or
+    encoder-decoder rows (encoder_inputs, decoder_inputs/targets/weights)."""
+    kw = dict(label_smoothing=label_smoothing, z_loss=z_loss)
+    if "encoder_inputs" in batch:
+        logits = model(batch["encoder_inputs"], batch["decoder_inputs"], batch["encoder_segment_ids"],
+                       batch["decoder_segment_ids"], batch["encoder_positions"], batch["decoder_positions"],
+                       deterministic=deterministic)
+        sums = {"lm": losses.cross_entropy(logits, batch["decoder_targets"], batch["decoder_weights"], **kw)}
+    else:
+        logits = model(batch["inputs"], batch["segment_ids"], batch["positions"],
+                       prefix_mask=batch.get("prefix_mask"), deterministic=deterministic)
+        sums = {"lm": losses.cross_entropy(logits, batch["targets"], batch["weights"], **kw)}
+    return sums["lm"].loss, sums
+
+
+def mlm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: float = 0.0, deterministic: bool = True):
+    """Masked-token cross-entropy of an encoder, plus next-sentence prediction when the rows carry NSP labels
+    and the model has its head (part "nsp")."""
+    out = model(batch["inputs"], batch["segment_ids"], batch["positions"], batch.get("token_type_ids"),
+                deterministic=deterministic)
+    nsp = "nsp_labels" in batch and "nsp_logits" in out
+    parts = losses.mlm_nsp_loss(
+        out["mlm_logits"], batch["targets"], batch["weights"],
+        out["nsp_logits"] if nsp else None, batch["nsp_labels"] if nsp else None,
+        batch.get("nsp_weights") if nsp else None, label_smoothing=label_smoothing, z_loss=z_loss)
+    sums = {"lm": parts["mlm"]}
+    if nsp:
+        sums["nsp"] = parts["nsp"]
+    return sums["lm"].loss, sums
+
+
+def token_weights(batch: dict) -> dict:
+    """Total weight of each loss part: the target tokens' weights ("lm"), and the NSP pairs when present."""
+    w = batch["decoder_weights"] if "decoder_weights" in batch else batch["weights"]
+    out = {"lm": jnp.sum(w.astype(jnp.float32))}
+    if "nsp_labels" in batch:
+        nw = batch.get("nsp_weights")
+        out["nsp"] = (jnp.sum(nw.astype(jnp.float32)) if nw is not None
+                      else jnp.asarray(batch["nsp_labels"].size, jnp.float32))
+    return out
+
+
+# objective name -> (loss_fn, weights_fn)
+OBJECTIVE_LOSS = {
+    "causal_lm": (lm_loss, token_weights),
+    "prefix_lm": (lm_loss, token_weights),
+    "span_corruption": (lm_loss, token_weights),
+    "mlm": (mlm_loss, token_weights),
+}
+assert set(OBJECTIVE_LOSS) == set(OBJECTIVE_FAMILIES), "every objective names its loss"
+
+
+def objective_loss(objective: str):
+    """(loss_fn, weights_fn) that train `objective`."""
+    if objective not in OBJECTIVE_LOSS:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVE_LOSS)}")
+    return OBJECTIVE_LOSS[objective]
+
+
+def family_loss(model, batch: dict, **kw):
+    """The loss of a batch made by the model family's classic objective (MLM for encoders, next-token cross-
+    entropy otherwise): the default of the train and eval steps when no objective or task loss is given."""
+    return (mlm_loss if model.cfg.family == "encoder" else lm_loss)(model, batch, **kw)
