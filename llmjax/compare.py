@@ -602,7 +602,7 @@ def write_outputs(results: dict, workdir) -> None:
     import matplotlib  # heavy: imported by the one function that plots
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend
 
     workdir = Path(workdir)
     _write_json(workdir / "results.json", results)

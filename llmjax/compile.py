@@ -11,10 +11,16 @@ shared with benchmarks/throughput.py.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import importlib.util
 import math
 import os
 import re
+import shlex
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -187,7 +193,6 @@ def parse_topology(text: str) -> Topology:
 
 # ---------------------------------------------------------------------------------------- libtpu access
 def libtpu_available() -> bool:
-    import importlib.util
 
     return importlib.util.find_spec("libtpu") is not None
 
@@ -222,9 +227,6 @@ def install_libtpu(directory: Path | None = None) -> Path:
     """Install libtpu into `directory` (default_libtpu_dir()) unless it is there, and return the directory.
     pip fills a sibling DIR.partial that one rename then makes DIR, so DIR exists only complete however the
     install ends; a file lock makes concurrent callers (test workers) wait for one install, not race."""
-    import fcntl
-    import shutil
-    import subprocess
 
     directory = Path(directory or default_libtpu_dir())
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +240,6 @@ def install_libtpu(directory: Path | None = None) -> Path:
 
 
 def how_to_get_libtpu() -> str:
-    import shlex
 
     directory = default_libtpu_dir()
     partial = _partial(directory)
@@ -292,7 +293,6 @@ def _total_bytes(tree) -> int:
 
 def compile_for_topology(cfg, topology: Topology, *, kernel: str | None = None) -> dict:
     """Compile `cfg`'s train step for `topology` and return the report (a JSON-able dict)."""
-    import time
 
     model_cfg = ModelConfig.from_dict(cfg.model)
     model_cfg = model_cfg.replace(attention_kernel=resolve_kernel(kernel or model_cfg.attention_kernel, "tpu"))

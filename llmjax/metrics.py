@@ -50,7 +50,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.tb = None
         if enabled:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # heavy: only the process that writes imports it
 
             self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
@@ -88,10 +88,10 @@ def read_metrics(workdir) -> list[dict]:
 
 def plot_losses(workdir) -> Path:
     """loss.png: train and validation loss against step."""
-    import matplotlib
+    import matplotlib  # heavy: imported by the one function that plots
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend
 
     rows = read_metrics(workdir)
     train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]

@@ -58,7 +58,7 @@ def fingerprint() -> dict:
     h = hashlib.sha256()
     for path in stdlib_files(root):
         h.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\n".encode())
-    import pydoc_data.topics
+    import pydoc_data.topics  # large (Python's help texts): imported only when the corpus is built
 
     h.update(f"topics\0{Path(pydoc_data.topics.__file__).stat().st_size}\n".encode())
     return {
@@ -78,7 +78,7 @@ def documents() -> Iterator[Document]:
 
 
 def topic_documents() -> Iterator[Document]:
-    from pydoc_data.topics import topics
+    from pydoc_data.topics import topics  # large: see fingerprint()
 
     for name in sorted(topics):
         text = topics[name].strip("\n")

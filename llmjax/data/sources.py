@@ -183,7 +183,7 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
 
 def _read_parquet(path: Path, column: str) -> Iterator[str]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy: only Parquet sources need it
     except ImportError:
         raise SourceError(f"reading {path} needs pyarrow: pip install {PYARROW_PIN}") from None
     try:

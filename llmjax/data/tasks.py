@@ -12,6 +12,7 @@ Tasks and their JSONL fields (one JSON object per line):
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -286,7 +287,6 @@ def doc_vs_code(out: str | os.PathLike, *, per_class: int = 1500, validation_fra
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
 
     p = argparse.ArgumentParser(prog="python -m llmjax.data.tasks", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="task", required=True)

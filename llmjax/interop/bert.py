@@ -32,7 +32,7 @@ def config_from_hf(c, *, tied: bool | None = None, **overrides) -> ModelConfig:
 
 def hf_config_from(cfg: ModelConfig, **kwargs):
     """ModelConfig -> BertConfig; raises InteropError for anything BertForPreTraining cannot express."""
-    from transformers import BertConfig
+    from transformers import BertConfig  # optional (the test extra)
 
     for ok, field, why in [
         (cfg.family == "encoder", "family", "BERT is an encoder"),

@@ -33,7 +33,7 @@ def config_from_hf(c, *, tied: bool | None = None, **overrides) -> ModelConfig:
 
 def hf_config_from(cfg: ModelConfig, **kwargs):
     """ModelConfig -> GPT2Config; raises InteropError for anything GPT-2 cannot express."""
-    from transformers import GPT2Config
+    from transformers import GPT2Config  # optional (the test extra)
 
     for ok, field, why in [
         (cfg.family == "decoder", "family", "GPT-2 is a decoder"),

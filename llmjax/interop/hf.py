@@ -317,7 +317,7 @@ def to_hf(model: nnx.Module, *, arch: str | None = None, **config_kwargs):
 
     `arch` forces a model_type; `config_kwargs` go to the HF config (e.g. attn_implementation='eager',
     bos_token_id=...)."""
-    import torch
+    import torch  # optional (the test extra): only the functions that touch HF objects import it
 
     cfg = model.cfg
     family, _ = _family(arch or architecture_of(cfg))
@@ -330,6 +330,6 @@ def to_hf(model: nnx.Module, *, arch: str | None = None, **config_kwargs):
 
 def build_hf_model(class_name: str, hf_config):
     """An HF model of `class_name` built (randomly initialised) from `hf_config`, in float32."""
-    import transformers
+    import transformers  # optional, as torch
 
     return getattr(transformers, class_name)(hf_config)

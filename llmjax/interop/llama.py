@@ -79,7 +79,7 @@ def hf_fields(cfg: ModelConfig) -> dict:
 
 def hf_config_from(cfg: ModelConfig, **kwargs):
     """ModelConfig -> LlamaConfig; raises InteropError for anything Llama cannot express."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # optional (the test extra)
 
     check_exportable(cfg, WHAT)
     fields = dict(hf_fields(cfg), attention_bias=cfg.use_bias, mlp_bias=cfg.use_bias)

@@ -30,7 +30,7 @@ def config_from_hf(c, *, tied: bool | None = None, **overrides) -> ModelConfig:
 
 def hf_config_from(cfg: ModelConfig, **kwargs):
     """ModelConfig -> MixtralConfig; raises InteropError for anything Mixtral cannot express."""
-    from transformers import MixtralConfig
+    from transformers import MixtralConfig  # optional (the test extra)
 
     llama.check_exportable(cfg, WHAT, (
         (not cfg.use_bias, "use_bias", "Mixtral projections have no biases"),

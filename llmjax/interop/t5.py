@@ -49,7 +49,7 @@ def config_from_hf(c, *, tied: bool | None = None, **overrides) -> ModelConfig:
 
 def hf_config_from(cfg: ModelConfig, **kwargs):
     """ModelConfig -> T5Config; raises InteropError for anything T5 cannot express."""
-    from transformers import T5Config
+    from transformers import T5Config  # optional (the test extra)
 
     for ok, field, why in [
         (cfg.family == "encoder_decoder", "family", "T5 is an encoder-decoder"),
@@ -76,7 +76,7 @@ def hf_config_from(cfg: ModelConfig, **kwargs):
 
 def new_hf_model(hf_config, cfg: ModelConfig):
     """T5ForConditionalGeneration; untied (own lm_head weight) when `cfg` is, as a v1.1 checkpoint loads."""
-    import torch
+    import torch  # optional (the test extra)
 
     model = hf.build_hf_model(HF_CLASS, hf_config)
     if not cfg.tie_embeddings and hf.embeddings_tied(model):

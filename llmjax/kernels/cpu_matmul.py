@@ -41,7 +41,7 @@ def available() -> bool:
     if not native.enabled():
         return False
     try:
-        import scipy_openblas32
+        import scipy_openblas32  # loaded when the kernel is first asked for, not at import
 
         blas = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(fullname=True)))
         blas.scipy_openblas_set_num_threads(1)  # one sgemm per core, run by XLA's thread pool

@@ -10,6 +10,7 @@ see a partial file. LLMJAX_CPU_KERNELS=0 turns every CPU kernel off.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -18,6 +19,10 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jaxlib
+from jax.sharding import PartitionSpec as P
+
+from llmjax import sharding as shd
 
 HERE = Path(__file__).parent
 
@@ -47,7 +52,6 @@ def build(name: str, flags: tuple[str, ...]) -> Path:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
         raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
-    import jaxlib
 
     source = HERE / f"{name}.cc"
     sources = [source.read_bytes()] + [h.read_bytes() for h in sorted(HERE.glob("*.h"))]
@@ -70,7 +74,6 @@ def register(name: str, flags: tuple[str, ...], targets: dict[str, str]):
     """Build (`build`) and load HERE/<name>.cc and register its XLA FFI handlers for the CPU, {target name: exported
     handler symbol}; returns the loaded library. Raises OSError, RuntimeError (a failed build) or AttributeError (a
     missing symbol): each kernel's `available()` turns those into a logged fallback."""
-    import ctypes
 
     lib = ctypes.cdll.LoadLibrary(str(build(name, flags)))
     for target, symbol in targets.items():
@@ -105,12 +108,11 @@ def per_shard(local, q, k, v, *rows):
     """`local(q, k, v, *rows)` for kernels XLA cannot partition (Mosaic, FFI custom calls): under a mesh context
     (jax.set_mesh) in a shard_map over the batch axes and, when it divides the heads, the tensor axis; q/k/v
     [B, T, N|K, H], each of `rows` [B, T]."""
-    from jax.sharding import PartitionSpec as P
 
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(q, k, v, *rows)
-    batch_axes = tuple(a for a in ("data", "fsdp", "expert") if a in mesh.shape and mesh.shape[a] > 1)
+    batch_axes = tuple(a for a in shd.BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1)
     b_spec = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
     t_size = mesh.shape.get("tensor", 1)
     h_spec = "tensor" if t_size > 1 and q.shape[2] % t_size == 0 and k.shape[2] % t_size == 0 else None

@@ -32,7 +32,7 @@ def splash_attention(q, k, v, mask, *, scale: float, interpret: bool = False):
 
     Mosaic kernels are not partitioned automatically: under a mesh context (jax.set_mesh) the kernel runs
     per shard in a shard_map over the batch axes and, when they divide the heads, the tensor axis."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa  # TPU-only Pallas code: imported when used
 
     def local(q, k, v, q_seg, kv_seg):
         b, t, n, h = q.shape

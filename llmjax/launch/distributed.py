@@ -114,7 +114,7 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     if settings is None:
         return False
     env = os.environ if env is None else env
-    import jax
+    import jax  # here, not at the top: the launcher process itself never starts JAX
 
     if jax.distributed.is_initialized():
         return True

@@ -116,7 +116,7 @@ def jobset_manifest(command: list[str], *, name: str, image: str, num_hosts: int
 
 def to_yaml(manifest: dict) -> str:
     try:
-        import yaml
+        import yaml  # optional (PyYAML)
     except ImportError:  # JSON is YAML too; kubectl takes either
         return json.dumps(manifest, indent=2) + "\n"
     return yaml.safe_dump(manifest, sort_keys=False, default_flow_style=False)

@@ -7,6 +7,7 @@ When a rank exits non-zero the others get SIGTERM, then SIGKILL after --grace-se
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import signal
@@ -57,7 +58,6 @@ def child_env(base: dict, *, rank: int, num_processes: int, coordinator: str | N
 def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL me if the launcher dies (Linux), so no rank outlives a killed launcher."""
     try:
-        import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:  # not Linux: the launcher's own signal handling still stops the ranks
