@@ -10,13 +10,21 @@ Layout (WORKDIR/checkpoints, one Orbax CheckpointManager):
                                   step directories that failed to restore, moved aside (never deleted)
 
 A step directory appears only once complete (Orbax writes into a temporary directory and renames it at
-finalize); interrupted saves leave `*.orbax-checkpoint-tmp-*` directories that are ignored. Resume tries
-the newest step first; one that cannot be read (truncated file, missing item) is reported with a warning
-naming it and the next older one is tried. Once a good one is restored the bad newer ones are moved to
-checkpoints_corrupt/, so keep-K garbage collection only ever counts good checkpoints and new saves never
-land on a bad directory. Before anything is restored or moved, the saved config is compared with the
-current one: a change to a field that changes the shapes or structure of the state (model.num_layers,
-optim.optimizer, ...) is refused, naming the field, with the checkpoints untouched.
+finalize); interrupted saves leave `*.orbax-checkpoint-tmp-*` directories, which process 0 removes (logged)
+before the first save of the next run. Once a save is finalized, process 0 writes
+checkpoints/<step>/checksums.json (sha256 of every file under state/, data/ and config/) at the next save,
+wait or close. Resume tries the newest step first; one that cannot be read (truncated file, missing item,
+a file whose checksum differs from the manifest) is reported with a warning naming it and the next older
+one is tried. A step without a manifest (killed between finalize and manifest) is still restored: its
+directory was complete when renamed, and damage that makes it unreadable is still caught by the restore.
+Once a good one is restored the bad newer ones are moved to checkpoints_corrupt/, so keep-K garbage
+collection only ever counts good checkpoints and new saves never land on a bad directory. When every
+checkpoint is bad the run refuses to start (NoGoodCheckpoint, a ConfigError naming them) rather than start
+over at step 0 and later save over their step numbers; an error not shown to be corruption (permission
+denied, other I/O errors) fails the run and moves nothing aside. Before anything is restored or moved,
+the saved config is compared with the current one: a change to a field that changes the shapes or
+structure of the state (model.num_layers, optim.optimizer, ...) is refused, naming the field, with the
+checkpoints untouched.
 
 Preemption: SIGTERM or SIGINT sets a flag; the loop finishes the current step, saves and returns normally
 (exit code 0). With several processes SIGTERM goes through JAX's preemption sync service
@@ -26,6 +34,7 @@ SIGTERM to join the same protocol.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -54,6 +63,8 @@ log = logging.getLogger("llmjax")
 
 CHECKPOINTS = "checkpoints"
 CORRUPT = "checkpoints_corrupt"
+MANIFEST = "checksums.json"  # in each step directory: {relative path: sha256} of its state/, data/, config/ files
+TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's in-progress save directories (<step>.orbax-checkpoint-tmp-<time>)
 EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "config.json"
 BEST = "best"  # WORKDIR/best: parameters of the step with the lowest validation loss (train.keep_best)
@@ -224,15 +235,70 @@ class Preemption:
 
 
 # -------------------------------------------------------------------------------------------- manager
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose files differ from its checksum manifest."""
+
+
+class NoGoodCheckpoint(ConfigError):
+    """Checkpoints exist but none can be restored: a user decision is needed, not a fresh start."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_hashes(step_dir: Path) -> dict[str, str]:
+    """{path relative to step_dir: sha256} of every file under its state/, data/ and config/ items."""
+    return {str(p.relative_to(step_dir)): _sha256(p) for item in ("state", "data", "config")
+            for p in sorted((step_dir / item).rglob("*")) if p.is_file()}
+
+
+def verify(step_dir: Path) -> None:
+    """Raise CorruptCheckpoint when a file listed in step_dir's manifest is missing or differs (no manifest:
+    nothing to compare with, accepted)."""
+    manifest = step_dir / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        expected = json.loads(manifest.read_text())
+    except ValueError as e:
+        raise CorruptCheckpoint(f"unreadable {MANIFEST}: {e}") from None
+    for rel, digest in expected.items():
+        path = step_dir / rel
+        if not path.is_file():
+            raise CorruptCheckpoint(f"{rel} is missing")
+        if _sha256(path) != digest:
+            raise CorruptCheckpoint(f"{rel} differs from its checksum in {MANIFEST}")
+
+
+def _is_corruption(e: Exception) -> bool:
+    """Whether a restore error shows the checkpoint itself is bad (truncated/missing/garbled files), as opposed
+    to an environment problem (permissions, I/O errors), which must fail the run and move nothing aside."""
+    text = str(e)
+    if "PERMISSION_DENIED" in text or "Permission denied" in text:
+        return False
+    if isinstance(e, OSError):
+        return isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError))
+    return True
+
+
 class Checkpoints:
-    """WORKDIR/checkpoints: asynchronous saves, keep the last `keep`, restore the newest good one."""
+    """WORKDIR/checkpoints: asynchronous saves, keep the last `keep` (0 = all), restore the newest good one."""
 
     def __init__(self, workdir, *, keep: int = 3, async_save: bool = True):
+        if keep < 0:
+            raise ConfigError(f"train.keep_checkpoints={keep}: use 0 (keep all) or the number to keep")
         self.workdir = Path(workdir)
         self.directory = self.workdir / CHECKPOINTS
         self.keep = keep
         self.async_save = async_save
         self._manager = None
+        self._pending: set[int] = set()  # saved by this run, manifest not written yet
+        self._cleaned = False
         absl_log = logging.getLogger("absl")  # Orbax logs every save phase at INFO through absl
         if absl_log.level == logging.NOTSET:
             absl_log.setLevel(logging.WARNING)
@@ -248,8 +314,9 @@ class Checkpoints:
     @property
     def manager(self) -> ocp.CheckpointManager:
         if self._manager is None:
+            # max_to_keep=None is Orbax's "keep all"; 0 would delete even the newest checkpoint.
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=self.keep, create=True, enable_async_checkpointing=self.async_save,
+                max_to_keep=self.keep or None, create=True, enable_async_checkpointing=self.async_save,
                 cleanup_tmp_directories=False)
             handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain_checkpoint.CheckpointHandler(),
                         "config": ocp.JsonCheckpointHandler()}
@@ -259,16 +326,52 @@ class Checkpoints:
     def read_config(self, step: int) -> dict:
         return json.loads((self.directory / str(step) / "config" / "metadata").read_text())
 
+    def remove_tmp(self) -> None:
+        """Remove the temporary directories of interrupted saves (process 0; only called by a run that saves,
+        never by export/load, which may look at a workdir whose training is still writing)."""
+        if jax.process_index() != 0 or not self.directory.is_dir():
+            return
+        for p in sorted(self.directory.iterdir()):
+            if TMP_MARK in p.name and p.is_dir():
+                shutil.rmtree(p)
+                log.info("removed %s, left by an interrupted save", p)
+
+    def _write_manifests(self, final: bool = False) -> None:
+        """checksums.json for every step this run saved whose directory is finalized (process 0)."""
+        for step in sorted(self._pending):
+            step_dir = self.directory / str(step)
+            if step_dir.is_dir():
+                if jax.process_index() == 0:
+                    try:
+                        hashes = file_hashes(step_dir)
+                    except FileNotFoundError:  # deleted by keep-K meanwhile: nothing to record
+                        hashes = None
+                    if hashes is not None:
+                        tmp = step_dir / (MANIFEST + ".tmp")
+                        tmp.write_text(json.dumps(hashes, indent=1))
+                        os.replace(tmp, step_dir / MANIFEST)
+                self._pending.discard(step)
+        if final:
+            self._pending.clear()  # deleted by keep-K before it was finalized
+
     def save(self, step: int, state, data_state: dict, cfg_json: dict) -> None:
+        if not self._cleaned:
+            self.remove_tmp()
+            self._cleaned = True
+        self._write_manifests()
+        if (self.directory / str(step)).exists():  # never write over a step directory (Orbax also refuses)
+            raise FileExistsError(f"{self.directory / str(step)} exists already; not saving over it")
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(to_tree(state)),
             data=grain_checkpoint.CheckpointSave(_DataSnapshot(data_state)),
             config=ocp.args.JsonSave(cfg_json)), force=True)
+        self._pending.add(step)
 
     def restore_latest(self, target_state, target_shardings, cfg_json: dict, *, check=True):
         """(state, data_state, step) of the newest good checkpoint, or None if there is none. The state is
         restored directly into `target_shardings` (any mesh). Bad checkpoints are skipped with a warning and
-        moved aside once a good one was found; an incompatible config raises ConfigError first."""
+        moved aside once a good one was found; an incompatible config raises ConfigError first. If every
+        checkpoint is bad, ConfigError (nothing moved); an error that is not corruption is raised as is."""
         bad: list[tuple[int, str]] = []
         found = None
         checked = False
@@ -277,12 +380,15 @@ class Checkpoints:
             try:
                 saved_cfg = self.read_config(step)
             except Exception as e:
+                if not _is_corruption(e):
+                    raise
                 bad.append((step, f"config: {type(e).__name__}: {e}"))
                 continue
             if check and not checked:
                 check_compatible(saved_cfg, cfg_json, str(where))  # raises before anything is touched
                 checked = True
             try:
+                verify(where)
                 data_state = read_data_state(where)
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_tree(target_state, target_shardings))))
@@ -291,9 +397,17 @@ class Checkpoints:
                 found = (state, data_state, step, saved_cfg)
                 break
             except Exception as e:
+                if not _is_corruption(e):
+                    raise
                 bad.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"))
         for step, why in bad:
             log.warning("checkpoint %s is incomplete or corrupt, skipping it: %s", self.directory / str(step), why)
+        if bad and found is None:
+            names = ", ".join(str(self.directory / str(s)) for s, _ in bad)
+            raise NoGoodCheckpoint(
+                f"no checkpoint in {self.directory} can be restored ({names}); refusing to start over at step 0 "
+                f"and save over them. To start fresh, move them away (e.g. to {self.workdir / CORRUPT}) or use a "
+                "new --workdir")
         if bad and found is not None:
             self._move_aside([s for s, _ in bad if s > found[2]])
         return found
@@ -314,10 +428,12 @@ class Checkpoints:
     def wait(self) -> None:
         if self._manager is not None:
             self._manager.wait_until_finished()
+            self._write_manifests(final=True)
 
     def close(self) -> None:
         if self._manager is not None:
             self._manager.wait_until_finished()
+            self._write_manifests(final=True)
             self._manager.close()
             self._manager = None
 
@@ -343,6 +459,8 @@ def load_latest(workdir, mesh_cfg=None):
                                                 shd.rules_dict(cfg.sharding.rules), 0)
     try:
         found = ck.restore_latest(abstract, state_sh, cfg_json, check=False)
+    except NoGoodCheckpoint as e:  # export/generate report a missing checkpoint as FileNotFoundError
+        raise FileNotFoundError(str(e)) from None
     finally:
         ck.close()
     if found is None:

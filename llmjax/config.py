@@ -6,6 +6,7 @@ The model section is validated by llmjax.models.config.ModelConfig; errors name 
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 
 import ml_collections
@@ -59,3 +60,87 @@ def objective_config_for(cfg) -> dict:
     train.seq_length."""
     args = cfg.objective_args.to_dict() if cfg.get("objective_args") else {}
     return objective_config(cfg.objective, args, cfg.train.seq_length)
+
+
+# ------------------------------------------------------------------------------------------- validation
+# train fields: (name, lowest allowed value, what the value means / how to fix it)
+_TRAIN_AT_LEAST = (
+    ("steps", 1, "the number of optimizer steps"),
+    ("batch_size", 1, "global rows per step"),
+    ("seq_length", 1, "the packed row length"),
+    ("micro_batches", 1, "1 = no gradient accumulation"),
+    ("log_every", 1, "log every N steps"),
+    ("eval_every", 1, "evaluate every N steps; set it above train.steps to evaluate only at the end"),
+    ("eval_batches", 1, "batches per evaluation"),
+    ("checkpoint_every", 0, "0 = checkpoint only at the end"),
+    ("keep_checkpoints", 0, "the newest K checkpoints are kept"),
+    ("num_samples", 0, "0 = no sampled continuations"),
+    ("sample_length", 0, "tokens per sampled continuation"),
+    ("data_workers", 0, "0 = build batches in this process"),
+    ("z_loss", 0, "0 = off"),
+    ("peak_flops", 0, "0 = known accelerator peak"),
+)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_train_config(cfg) -> None:
+    """Check every numeric field of the `train` section (and the optim numbers that have a clearly wrong range)
+    of a run config before anything is prepared or compiled; raises ConfigError naming the field and the fix,
+    e.g. "train.eval_every must be >= 1, got 0". Fields the config does not have are skipped."""
+    tc = cfg.get("train") or {}
+    for name, low, about in _TRAIN_AT_LEAST:
+        if name not in tc:
+            continue
+        value = tc[name]
+        if not _number(value):
+            raise ConfigError(f"train.{name} must be a number, got {value!r}")
+        if name not in ("z_loss", "peak_flops") and value != int(value):
+            raise ConfigError(f"train.{name} must be a whole number, got {value!r}")
+        if value < low:
+            raise ConfigError(f"train.{name} must be >= {low}, got {value}; set --config.train.{name}={low} or "
+                              f"higher ({about})")
+    if "label_smoothing" in tc:
+        value = tc.label_smoothing
+        if not _number(value) or not 0.0 <= value < 1.0:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {value!r} (0 = off; e.g. 0.1)")
+    if "micro_batches" in tc and "batch_size" in tc and tc.batch_size % tc.micro_batches:
+        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by train.micro_batches="
+                          f"{tc.micro_batches}; each micro-batch gets batch_size / micro_batches rows")
+    oc = cfg.get("optim") or {}
+    checks = (
+        ("learning_rate", lambda v: v > 0, "must be > 0", "e.g. --config.optim.learning_rate=1e-3"),
+        ("warmup_steps", lambda v: v >= 0 and v == int(v), "must be a whole number >= 0", "0 = no warmup"),
+        ("min_lr_ratio", lambda v: 0 <= v <= 1, "must be in [0, 1]", "the final fraction of the learning rate"),
+        ("b1", lambda v: 0 <= v < 1, "must be in [0, 1)", "e.g. 0.9"),
+        ("b2", lambda v: 0 <= v < 1, "must be in [0, 1)", "e.g. 0.95"),
+        ("eps", lambda v: v >= 0, "must be >= 0", "e.g. 1e-8"),
+        ("weight_decay", lambda v: v >= 0, "must be >= 0", "0 = off"),
+        ("clip_norm", lambda v: v >= 0, "must be >= 0", "0 = off"),
+    )
+    for name, ok, rule, hint in checks:
+        if name not in oc:
+            continue
+        value = oc[name]
+        if not _number(value) or not ok(value):
+            raise ConfigError(f"optim.{name} {rule}, got {value!r} ({hint})")
+
+
+def check_workdir(path, flag: str = "--workdir") -> None:
+    """A user's run directory, before anything is written: it may not exist yet (then its nearest existing
+    parent must be a writable directory); if it exists it must be a writable directory."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag}: {str(path)!r} exists and is not a directory; pass a directory path")
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"{flag}: {str(path)!r} cannot be created: {str(existing)!r} is a file, not a directory")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {str(existing)!r} is not writable"
+        raise ConfigError(f"{flag}: {str(path)!r} {what}; pass a directory you can write to")

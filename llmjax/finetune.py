@@ -26,6 +26,7 @@ from flax import nnx
 from llmjax import checkpoint as ckpt_lib
 from llmjax import loop
 from llmjax import sharding as shd
+from llmjax.config import check_train_config
 from llmjax.data import tasks as task_data
 from llmjax.data.shards import TOKENIZER_FILE
 from llmjax.data.tokenizer import Tokenizer
@@ -38,6 +39,7 @@ from llmjax.params import flat_values, path_str
 from llmjax.runs import FINETUNE_INFO, load_pretrained, model_dict
 from llmjax.state import default_optim_config, learning_rate_schedule, make_optimizer
 from llmjax.step import batch_shardings, global_batch, make_eval_step, make_train_step, metrics_of
+from llmjax.workdir import lock_workdir
 
 log = logging.getLogger("llmjax")
 
@@ -81,8 +83,7 @@ def _check_config(cfg) -> None:
         raise ConfigError(f"target_length must be at least 2 for text_to_text, got {cfg.target_length}")
     if cfg.lora.rank < 0:
         raise ConfigError(f"lora.rank must be >= 0, got {cfg.lora.rank}")
-    if cfg.train.steps <= 0:
-        raise ConfigError(f"train.steps must be positive, got {cfg.train.steps}")
+    check_train_config(cfg)  # every number of the train and optim sections
 
 
 # --------------------------------------------------------------------------------------------- losses
@@ -146,6 +147,11 @@ def finetune(cfg, init_from, workdir, *, progress: bool = True) -> dict:
     t0 = time.time()
     _check_config(cfg)
     workdir = Path(workdir)
+    with lock_workdir(workdir):  # one run per workdir: a second one is refused here, before it writes anything
+        return _finetune(cfg, init_from, workdir, t0, progress=progress)
+
+
+def _finetune(cfg, init_from, workdir: Path, t0: float, *, progress: bool) -> dict:
     task = cfg.task
     tc = cfg.train
 

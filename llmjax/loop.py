@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -48,7 +50,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.z_loss = 0.0
     c.peak_flops = 0.0  # per device, for MFU; 0 = known accelerator peak or a measured matmul peak on CPU
     c.checkpoint_every = 100  # asynchronous Orbax save every this many steps (and at the end); 0 = only at the end
-    c.keep_checkpoints = 3  # the newest K complete checkpoints are kept in WORKDIR/checkpoints
+    c.keep_checkpoints = 3  # the newest K complete checkpoints are kept in WORKDIR/checkpoints; 0 = keep all
     c.data_workers = 0  # Grain worker processes building batches in the background (0 = in this process)
     c.keep_best = False  # also keep the parameters with the lowest validation loss in WORKDIR/best (export layout)
     return c
@@ -157,6 +159,7 @@ def fit(step_fn, start: Start, batches: Iterator[dict], tc, mesh, *, first_batch
     last_train, last_eval = {}, eval_start
     window_start, window_steps = time.perf_counter(), 0
     preempted = None
+    last_saved = start.resumed_from  # the newest checkpoint known finite: named when a non-finite value stops the run
     best = ckpt_lib.read_best(workdir) if workdir is not None else None  # (step, loss) kept so far, across resumes
     preemption = ckpt_lib.Preemption() if checkpoints is not None else _NoPreemption()
     with preemption:
@@ -177,12 +180,15 @@ def fit(step_fn, start: Start, batches: Iterator[dict], tc, mesh, *, first_batch
                     else:  # a task's loss (fine-tuning, probes): rows and labels rather than tokens
                         m.pop("tokens", None)
                         bar.set_postfix({k: f"{v:.3f}" for k, v in m.items() if k.endswith(("loss", "accuracy"))})
-                    write(step, m)
+                    write(step, m)  # written first (non-finite as null): the row shows what went wrong
                     last_train = m
                     window_start, window_steps = time.perf_counter(), 0
+                    _check_finite(step, m, last_saved)
                 if evaluate is not None and (step % tc.eval_every == 0 or step == tc.steps):
                     last_eval = evaluate(state)
                     write(step, last_eval, "eval")
+                    _check_finite(step, {f"validation {k}": v for k, v in last_eval.items() if k == "loss"},
+                                  last_saved)  # before keep-best can save non-finite parameters
                     if (tc.get("keep_best", False) and workdir is not None and last_eval
                             and (best is None or last_eval["loss"] < best[1])):
                         ckpt_lib.save_best(workdir, step, state, last_eval["loss"], cfg_json)
@@ -196,8 +202,13 @@ def fit(step_fn, start: Start, batches: Iterator[dict], tc, mesh, *, first_batch
                 stop = preemption.reached(step)  # every step, on every process (the sync point needs it)
                 if checkpoints is not None and (
                         stop or step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
+                    # Never save a non-finite state: retention would then drop a good checkpoint for it.
+                    saved = saved_view(state, trainable)
+                    finite, guarded = jax.device_get((_all_finite(saved), {k: m[k] for k in GUARDED if k in m}))
+                    _check_finite(step, {"state": 0.0 if finite else math.nan, **guarded}, last_saved)
                     # The iterator has produced exactly `step` batches here: its state resumes at batch step+1.
-                    checkpoints.save(step, saved_view(state, trainable), data_state(step), cfg_json)
+                    checkpoints.save(step, saved, data_state(step), cfg_json)
+                    last_saved = checkpoints.directory / str(step)
                 if stop:
                     preempted = preemption.signal or "SIGTERM"
                     break
@@ -213,6 +224,37 @@ def fit(step_fn, start: Start, batches: Iterator[dict], tc, mesh, *, first_batch
         log.warning("preempted (%s) at step %d: saved checkpoint %s; run the same command to resume",
                     preempted, step, checkpoints.directory / str(step))
     return Result(state, step, last_train, last_eval, eval_start, preempted)
+
+
+# ------------------------------------------------------------------------------------ non-finite guard
+# A NaN/inf loss, gradient norm or state stops the run before it is saved. The check reads values the loop
+# syncs anyway: the metrics at logging steps (already floated there) and, at checkpoint steps, the metrics
+# plus one all-finite reduction over the saved state (one host sync next to a save that copies the state to
+# the host). Other steps add no sync: a NaN between logging steps is caught at the next logging or checkpoint
+# step, still before anything non-finite is saved.
+class NonFiniteError(ConfigError):
+    """Training diverged (a non-finite loss, gradient norm or state): a user error the CLI prints in one line."""
+
+
+GUARDED = ("loss", "grad_norm")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def _check_finite(step: int, values: dict, last_saved) -> None:
+    bad = {k: float(v) for k, v in values.items() if k in (*GUARDED, "state") or k.startswith("validation")}
+    bad = {k: v for k, v in bad.items() if not math.isfinite(v)}
+    if bad:
+        what = ", ".join("the state has NaN/inf values" if k == "state" else f"{k.replace('_', ' ')} is {v}"
+                         for k, v in bad.items())
+        then = (f"the last good checkpoint is {last_saved}; lower optim.learning_rate or set optim.clip_norm and run "
+                "the same command to resume from it" if last_saved is not None else
+                "no checkpoint was saved; lower optim.learning_rate or set optim.clip_norm and start again")
+        raise NonFiniteError(f"training diverged at step {step}: {what}; stopped before saving it ({then})")
 
 
 class _NoPreemption:
@@ -242,12 +284,12 @@ def describe(m: dict) -> str:
 
 def drop_metrics_after(workdir, step: int) -> None:
     """Resuming from `step` runs the later steps again: drop their rows of the interrupted run from
-    metrics.jsonl, so that each step appears once."""
+    metrics.jsonl, so that each step appears once. A torn line (the run was killed mid-write) is dropped."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = [row for row in mt.parse_rows(path.read_text(errors="replace"), path) if row["step"] <= step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in keep))  # torn lines dropped (with a warning)
 
 
 def check_resumable(checkpoints, info_file: Path, key: str, value) -> None:

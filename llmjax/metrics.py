@@ -4,7 +4,9 @@ event files, and loss.png; plus the peak FLOP/s used for MFU."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -49,6 +51,11 @@ class MetricsWriter:
         self.path = Path(workdir) / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
+        if enabled and self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:  # a torn last line (killed mid-write) must not swallow the next row
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
         if enabled:
             from tensorboardX import SummaryWriter  # heavy: only the process that writes imports it
 
@@ -58,8 +65,9 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {"step": int(step), **{f"{prefix}/{k}": _py(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        # One whole line per write call, flushed: a kill or a full disk can only tear the last line.
+        with open(self.path, "ab", buffering=0) as f:
+            f.write((json.dumps(row) + "\n").encode())
         for k, v in metrics.items():
             if isinstance(_py(v), (int, float)):
                 self.tb.add_scalar(f"{prefix}/{k}", _py(v), int(step))
@@ -74,16 +82,36 @@ class MetricsWriter:
 
 
 def _py(v):
-    if isinstance(v, (np.ndarray, jax.Array)):
+    """A JSON value: non-finite floats become null (JSON has no NaN; readers skip None)."""
+    if isinstance(v, (np.ndarray, np.generic, jax.Array)):
         v = np.asarray(v).item()
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
+        return None
     return v
+
+
+def parse_rows(text: str, source="metrics.jsonl") -> list[dict]:
+    """The rows of a metrics.jsonl text; a torn or garbage line (a kill or a full disk mid-write) is dropped
+    with a warning rather than failing every later read and resume."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            logging.getLogger("llmjax").warning("%s line %d is not a metrics row (torn write?): dropped: %.80r",
+                                                source, n, line)
+            continue
+        rows.append(row)
+    return rows
 
 
 def read_metrics(workdir) -> list[dict]:
     path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return parse_rows(path.read_text(errors="replace"), path) if path.exists() else []
 
 
 def plot_losses(workdir) -> Path:
@@ -94,8 +122,9 @@ def plot_losses(workdir) -> Path:
     import matplotlib.pyplot as plt  # after choosing the Agg backend
 
     rows = read_metrics(workdir)
-    train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-    val = [(r["step"], r["eval/loss"]) for r in rows if "eval/loss" in r]
+    # None: a non-finite loss (written as null): left out of the curve
+    train = [(r["step"], r["train/loss"]) for r in rows if r.get("train/loss") is not None]
+    val = [(r["step"], r["eval/loss"]) for r in rows if r.get("eval/loss") is not None]
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
         ax.plot(*zip(*train), label="train")

@@ -25,7 +25,7 @@ from llmjax.data.shards import TOKENIZER_FILE
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.generate import generate
 from llmjax.loop import model_of
-from llmjax.config import objective_config_for
+from llmjax.config import check_train_config, objective_config_for
 from llmjax.models.config import ConfigError, ModelConfig
 from llmjax.models.flops import train_flops
 from llmjax.models.transformer import build_model
@@ -33,6 +33,7 @@ from llmjax.objectives import check_family
 from llmjax.objectives.loss import objective_loss
 from llmjax.state import learning_rate_schedule, make_optimizer
 from llmjax.step import batch_shardings, global_batch, make_eval_step, make_train_step, metrics_of
+from llmjax.workdir import lock_workdir
 
 log = logging.getLogger("llmjax")
 SAMPLE_PROMPTS = ("The ", "def ", "Return the ")
@@ -51,8 +52,7 @@ def check_run_config(cfg, model_cfg: ModelConfig):
         raise ConfigError(
             f"train.seq_length={cfg.train.seq_length} exceeds model.max_length={model_cfg.max_length}, the size "
             "of the learned position table; raise model.max_length or lower train.seq_length")
-    if cfg.train.steps <= 0:
-        raise ConfigError(f"train.steps must be positive, got {cfg.train.steps}")
+    check_train_config(cfg)  # every number of the train and optim sections, before data preparation
 
 
 def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
@@ -61,6 +61,11 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
     workdir = Path(workdir)
     model_cfg = ModelConfig.from_dict(cfg.model)
     check_run_config(cfg, model_cfg)
+    with lock_workdir(workdir):  # one run per workdir: a second one is refused here, before it writes anything
+        return _train_and_evaluate(cfg, workdir, model_cfg, progress=progress)
+
+
+def _train_and_evaluate(cfg, workdir: Path, model_cfg: ModelConfig, *, progress: bool) -> dict:
     is_writer = jax.process_index() == 0
     tc = cfg.train
     if is_writer:

@@ -1,7 +1,9 @@
 """The command line: `llmjax prepare` with dotted overrides, idempotent, and clear errors for bad input."""
 
 import logging
+import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -73,3 +75,76 @@ def test_cpu_runs_do_not_report_a_missing_tpu(tmp_path):
     out = _llmjax("prepare", f"--config={CONFIG}", *SMALL, f"--workdir={tmp_path}")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Unable to initialize backend" not in out.stdout + out.stderr
+
+
+# ------------------------------------------------------------------- user errors: one line, no traceback (issue 20)
+def test_missing_config_file_is_named_before_absl_loads_it(tmp_path):
+    out = _llmjax("train", "--config", "nope.py", "--workdir", str(tmp_path / "x"))
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr and "Failed loading config file" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "llmjax train: --config: file 'nope.py' does not exist; pass e.g. --config configs/gpt_tiny.py")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SystemExit, match="--config: file '.*nope.py' does not exist"):
+        cli.main(["llmjax", "prepare", f"--config={tmp_path / 'nope.py'}"])
+
+
+def test_workdir_that_is_a_file_is_one_line_without_traceback(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    out = _llmjax("train", f"--config={CONFIG}", f"--workdir={afile}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"llmjax train: --workdir: '{afile}' exists and is not a directory; pass a directory path")
+    assert afile.read_text() == "keep"
+
+
+@pytest.mark.parametrize("command", ["train", "prepare"])
+def test_workdir_errors_are_refused_before_anything_is_written(command, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for workdir, expected in [(afile, "exists and is not a directory"),
+                              (afile / "run", "cannot be created: .* is a file, not a directory")]:
+        assert cli.main(["llmjax", command, f"--config={CONFIG}", f"--workdir={workdir}"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"llmjax {command}: --workdir: "), err
+        assert re.search(expected, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_unwritable_workdir_is_refused(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        assert cli.main(["llmjax", "train", f"--config={CONFIG}", f"--workdir={locked / 'run'}"]) == 2
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_data_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    argv = ["llmjax", "prepare", f"--config={CONFIG}", f"--workdir={tmp_path / 'w'}",
+            f"--config.data.sources={tmp_path / 'none'}/*.txt"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("llmjax prepare: ") and "matches no file" in err, err
+    from llmjax.data.sources import SourceError
+
+    with pytest.raises(SourceError, match="matches no file"):
+        cli.main([*argv, "--debug"])
+    monkeypatch.setenv("LLMJAX_DEBUG", "1")
+    with pytest.raises(SourceError, match="matches no file"):
+        cli.main(argv)
+
+
+def test_bad_train_numbers_are_refused_before_data_preparation(tmp_path):
+    for override, expected in [("eval_every=0", "train.eval_every must be >= 1, got 0"),
+                               ("log_every=0", "train.log_every must be >= 1, got 0"),
+                               ("checkpoint_every=-1", "train.checkpoint_every must be >= 0, got -1"),
+                               ("batch_size=0", "train.batch_size must be >= 1, got 0")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["llmjax", "train", f"--config={CONFIG}", f"--workdir={tmp_path / 'w'}",
+                      f"--config.train.{override}"])
+        assert expected in str(e.value) and str(e.value).startswith("llmjax train: ")
+        assert not (tmp_path / "w").exists()

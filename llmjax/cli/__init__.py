@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import sys
 
 from llmjax import runtime
@@ -31,8 +32,55 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: llmjax <command> [flags]   (llmjax <command> --help lists a command's flags)", "", "commands:"]
     lines += [f"  {name:<{width}}  {about}" for name, (_, about, _) in COMMANDS.items()]
-    lines += ["", "example: llmjax train --config configs/gpt_tiny.py --workdir runs/gpt_tiny"]
+    lines += ["", "example: llmjax train --config configs/gpt_tiny.py --workdir runs/gpt_tiny",
+              "", "A user error (bad config field, missing file, unwritable workdir, bad data) prints one line and",
+              "exits non-zero; `llmjax <command> --debug ...` or LLMJAX_DEBUG=1 shows its traceback instead."]
     return "\n".join(lines)
+
+
+# Exceptions whose message is written for the user (it names the field, flag or file and the fix):
+# (module, class). Looked up in sys.modules only after the command ran, so nothing is imported before
+# llmjax.runtime has set up the process; a class whose module was never imported cannot have been raised.
+USER_ERRORS = (
+    ("llmjax.models.config", "ConfigError"),
+    ("llmjax.data.sources", "SourceError"),
+    ("llmjax.data.prepare", "PrepareError"),
+    ("llmjax.data.shards", "ShardError"),
+    ("llmjax.data.tasks", "TaskDataError"),
+    ("llmjax.data.tokenizer", "TokenizerError"),
+    ("llmjax.runs", "RunError"),
+    ("llmjax.launch.distributed", "LaunchError"),
+    ("llmjax.interop.hf", "InteropError"),
+)
+# OS errors about the paths a user passes (a missing file, a directory where a file was expected, ...)
+USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+
+
+_debug = [False]  # --debug of the command running now (a command module's own except clauses re-raise then)
+
+
+def debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("LLMJAX_DEBUG", "") not in ("", "0")
+
+
+def debugging() -> bool:
+    """True while a command runs with --debug or LLMJAX_DEBUG=1: user errors keep their traceback."""
+    return _debug[0] or debug_requested([])
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one line to print for an error the user caused, or None for anything else (a bug: traceback)."""
+    types = tuple(getattr(sys.modules[m], c) for m, c in USER_ERRORS if m in sys.modules
+                  and isinstance(getattr(sys.modules[m], c, None), type))
+    if types and isinstance(error, types):
+        return str(error).strip() or type(error).__name__
+    if isinstance(error, USER_OS_ERRORS):
+        if error.filename is not None:
+            why = error.strerror or str(error)
+            return f"{why}: {str(error.filename)!r}" + (
+                f" -> {str(error.filename2)!r}" if getattr(error, "filename2", None) else "")
+        return str(error)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,5 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmjax: unknown command '{command}'; {hint}`llmjax --help` lists the commands", file=sys.stderr)
         return 2
     module, _, many_steps = COMMANDS[command]
+    if command == "launch":  # its arguments are another command's: a --debug there is that command's
+        debug, args = debug_requested([]), argv[2:]
+    else:
+        debug, args = debug_requested(argv[2:]), [a for a in argv[2:] if a != "--debug"]
     runtime.prepare_process(many_steps=many_steps)
-    return importlib.import_module(f"{__name__}.{module}").main(argv[2:])
+    saved, _debug[0] = _debug[0], debug
+    try:
+        return importlib.import_module(f"{__name__}.{module}").main(args)
+    except Exception as e:  # noqa: BLE001 - user errors become one line; anything else keeps its traceback
+        message = None if debug else user_error_message(e)
+        if message is None:
+            raise
+        print(f"llmjax {command}: {message}", file=sys.stderr)
+        return 2
+    finally:
+        _debug[0] = saved

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import sys
 
 from absl import flags
@@ -30,6 +31,7 @@ def parse_config_flags(argv: list[str], define=None, *, config_required: bool = 
     if any(a in ("--help", "-h", "--helpfull") for a in args):
         print(usage(prog, fv, about, example))
         raise SystemExit(0)
+    check_config_file(prog, args)
     saved = sys.argv
     sys.argv = [prog, *args]  # config_flags finds the --config.x overrides by reading sys.argv
     try:
@@ -43,6 +45,31 @@ def parse_config_flags(argv: list[str], define=None, *, config_required: bool = 
     if fv.config is None and config_required:
         raise SystemExit(f"{prog}: --config is required, e.g. --config configs/gpt_tiny.py")
     return fv
+
+
+def config_file_arg(args: list[str]) -> str | None:
+    """The FILE of --config=FILE or --config FILE in `args`, or None."""
+    for i, a in enumerate(args):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def check_config_file(prog: str, args: list[str], example: str = "configs/gpt_tiny.py") -> None:
+    """A --config FILE that is missing (or a directory) is named here, before absl tries to import it (which
+    would end in "Failed loading config file" with the path only inside a chained traceback)."""
+    path = config_file_arg(args)
+    if path is None:
+        return
+    hint = f"pass e.g. --config {example}"
+    if not os.path.exists(path) and ":" in path and os.path.isfile(path.rsplit(":", 1)[0]):
+        return  # ml_collections' FILE:ARGUMENT form (get_config(ARGUMENT))
+    if not os.path.exists(path):
+        raise SystemExit(f"{prog}: --config: file {path!r} does not exist; {hint}")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{prog}: --config: {path!r} is not a file; {hint}")
 
 
 def setup_logging() -> None:
@@ -75,6 +102,7 @@ def usage(prog: str, fv, about: str, example: str) -> str:
         lines.append(f"  --{name.replace('_', '-')}: {flag.help}{default}")
     lines += ["  --config.SECTION.FIELD=VALUE: override any field of the config file, e.g. "
               "--config.train.steps=1000 --config.model.num_layers=6"]
+    lines += ["  --debug: show the traceback of a user error instead of one line (or set LLMJAX_DEBUG=1)"]
     return "\n".join(lines)
 
 

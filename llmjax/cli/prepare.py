@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 from llmjax.cli.flags import parse_config_flags, setup_logging
+from llmjax.config import check_workdir
 from llmjax.data.prepare import prepare
 
 EXAMPLE = "llmjax prepare --config configs/gpt_tiny.py --workdir runs/gpt_tiny"
@@ -18,6 +19,8 @@ def main(args: list[str]) -> int:
         raise SystemExit(
             f"llmjax prepare: data.vocab_size={cfg.data.vocab_size} differs from model.vocab_size="
             f"{cfg.model.vocab_size}; set both to the same value")
+    if fv.workdir:
+        check_workdir(fv.workdir)  # a file or an unwritable directory is refused before anything is written
     manifest = prepare(cfg.data, fv.workdir)
     splits = manifest["splits"]
     print(f"prepared data in {manifest['dir']}: "

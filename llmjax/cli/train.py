@@ -7,7 +7,9 @@ import logging
 
 import jax
 
+from llmjax.cli import debugging
 from llmjax.cli.flags import parse_config_flags, setup_logging
+from llmjax.config import check_workdir
 from llmjax.launch.distributed import maybe_initialize_distributed
 from llmjax.models.config import ConfigError
 from llmjax.train import train_and_evaluate
@@ -20,10 +22,13 @@ def main(args: list[str]) -> int:
     setup_logging()
     if not fv.workdir:
         raise SystemExit("llmjax train: --workdir DIR is required (config, metrics, plots and checkpoints go there)")
+    check_workdir(fv.workdir)  # a file or an unwritable directory is refused before anything is written
     maybe_initialize_distributed()  # joins a multi-process run (launcher env vars or srun); else nothing
     logging.getLogger("llmjax").info("JAX %s devices: %s", jax.default_backend(), jax.devices())
     try:
         train_and_evaluate(fv.config, fv.workdir)
     except ConfigError as e:  # a user error: the message names the field and the fix
+        if debugging():
+            raise
         raise SystemExit(f"llmjax train: {e}") from None
     return 0

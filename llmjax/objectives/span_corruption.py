@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -21,15 +20,17 @@ FAMILIES = OBJECTIVE_FAMILIES[NAME]
 
 
 def _round(x: float) -> int:
-    return int(math.floor(x + 0.5))
+    """Round half to even, as T5 (tf.round in random_spans_noise_mask, Python's round in random_spans_helper):
+    70 * 0.15 = 10.5 -> 10 noise tokens, 10 / 3 -> 3 spans."""
+    return int(round(x))
 
 
 def noise_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
     """(number of noise tokens, number of noise spans) for a sequence of `length` tokens.
 
     noise = round(length * density) clipped to [1, length - 1]; spans = round(noise / mean span length), at
-    least 1 and at most min(noise, length - noise) so that every span of either kind is non-empty. A sequence
-    of fewer than 2 tokens gets no noise."""
+    least 1 and at most min(noise, length - noise) so that every span of either kind is non-empty; both round
+    half to even as T5 does. A sequence of fewer than 2 tokens gets no noise."""
     if length < 2:
         return 0, 0
     num_noise = min(max(_round(length * noise_density), 1), length - 1)
