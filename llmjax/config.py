@@ -106,9 +106,6 @@ def check_train_config(cfg) -> None:
         value = tc.label_smoothing
         if not _number(value) or not 0.0 <= value < 1.0:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {value!r} (0 = off; e.g. 0.1)")
-    if "micro_batches" in tc and "batch_size" in tc and tc.batch_size % tc.micro_batches:
-        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by train.micro_batches="
-                          f"{tc.micro_batches}; each micro-batch gets batch_size / micro_batches rows")
     oc = cfg.get("optim") or {}
     checks = (
         ("learning_rate", lambda v: v > 0, "must be > 0", "e.g. --config.optim.learning_rate=1e-3"),

@@ -61,11 +61,14 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
     workdir = Path(workdir)
     model_cfg = ModelConfig.from_dict(cfg.model)
     check_run_config(cfg, model_cfg)
+    # The mesh against the devices and the batch against the mesh, before the lock and the data preparation.
+    mesh = shd.make_mesh(cfg.mesh)
+    shd.validate_layout(model_cfg, mesh, cfg.train.batch_size, cfg.train.micro_batches)
     with lock_workdir(workdir):  # one run per workdir: a second one is refused here, before it writes anything
-        return _train_and_evaluate(cfg, workdir, model_cfg, progress=progress)
+        return _train_and_evaluate(cfg, workdir, model_cfg, mesh, progress=progress)
 
 
-def _train_and_evaluate(cfg, workdir: Path, model_cfg: ModelConfig, *, progress: bool) -> dict:
+def _train_and_evaluate(cfg, workdir: Path, model_cfg: ModelConfig, mesh, *, progress: bool) -> dict:
     is_writer = jax.process_index() == 0
     tc = cfg.train
     if is_writer:
@@ -83,9 +86,7 @@ def _train_and_evaluate(cfg, workdir: Path, model_cfg: ModelConfig, *, progress:
     if is_writer and not (workdir / TOKENIZER_FILE).exists():  # the run's tokenizer travels with it (export)
         shutil.copyfile(data_dir / TOKENIZER_FILE, workdir / TOKENIZER_FILE)
 
-    mesh = shd.make_mesh(cfg.mesh)
     rules = shd.rules_dict(cfg.sharding.rules)
-    shd.validate_layout(model_cfg, mesh, tc.batch_size, tc.micro_batches)
     tx = make_optimizer(cfg.optim, tc.steps)
     cfg_json = json.loads(cfg.to_json_best_effort())
     checkpoints = ckpt_lib.Checkpoints(workdir, keep=tc.keep_checkpoints)

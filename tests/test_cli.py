@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from helpers.cli_errors import user_error
 from llmjax import cli
 
 CONFIG = str(pathlib.Path(__file__).parent.parent / "configs" / "gpt_tiny.py")
@@ -138,13 +139,12 @@ def test_data_error_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys, 
         cli.main(argv)
 
 
-def test_bad_train_numbers_are_refused_before_data_preparation(tmp_path):
+def test_bad_train_numbers_are_refused_before_data_preparation(tmp_path, capsys):
     for override, expected in [("eval_every=0", "train.eval_every must be >= 1, got 0"),
                                ("log_every=0", "train.log_every must be >= 1, got 0"),
                                ("checkpoint_every=-1", "train.checkpoint_every must be >= 0, got -1"),
                                ("batch_size=0", "train.batch_size must be >= 1, got 0")]:
-        with pytest.raises(SystemExit) as e:
-            cli.main(["llmjax", "train", f"--config={CONFIG}", f"--workdir={tmp_path / 'w'}",
-                      f"--config.train.{override}"])
-        assert expected in str(e.value) and str(e.value).startswith("llmjax train: ")
+        message = user_error(["llmjax", "train", f"--config={CONFIG}", f"--workdir={tmp_path / 'w'}",
+                              f"--config.train.{override}"], capsys)
+        assert expected in message and message.startswith("llmjax train: ")
         assert not (tmp_path / "w").exists()

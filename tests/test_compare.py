@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
+from helpers.cli_errors import user_error
 from llmjax import compare
-from llmjax.cli import compare as compare_command
 from llmjax.data.vocab import SpecialIds
 from llmjax.models.config import ConfigError
 
@@ -42,7 +42,7 @@ def test_encoder_decoder_cells_spend_the_budget_on_more_steps():
     assert steps["encoder_decoder.span_corruption"] > 1.5 * steps["causal_decoder.causal_lm"]
 
 
-def test_grid_mistakes_are_named(tmp_path):
+def test_grid_mistakes_are_named(capsys, tmp_path):
     grid = compare.load_grid(ROOT / "configs/compare/micro.py")
     grid.cells = [grid.cells[0], dict(grid.cells[0])]
     with pytest.raises(ConfigError, match="names must be unique"):
@@ -56,8 +56,8 @@ def test_grid_mistakes_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"grid cell 'bad': .*num_heads"):
         compare.compare(grid, tmp_path / "w")
     assert not (tmp_path / "w" / "cells").exists()  # refused before anything ran
-    with pytest.raises(SystemExit, match="does not exist"):
-        compare_command.main(["--grid", str(tmp_path / "nope.py"), "--workdir", str(tmp_path)])
+    assert "does not exist" in user_error(["llmjax", "compare", "--grid", str(tmp_path / "nope.py"), "--workdir",
+                                           str(tmp_path)], capsys)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from helpers import tiny_runs
+from helpers.cli_errors import user_error
 from llmjax import checkpoint, cli
 from llmjax.data import tasks
 from llmjax.data.tokenizer import Tokenizer
@@ -224,13 +225,11 @@ def test_causal_lm_continued_training_lowers_validation_loss(task_files, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- errors
-def test_finetune_command_errors_name_the_flag_or_file(task_files, tmp_path):
+def test_finetune_command_errors_name_the_flag_or_file(task_files, tmp_path, capsys):
     cls_train, cls_val = map(str, task_files["classification"])
 
     def fails(*args):
-        with pytest.raises(SystemExit) as e:
-            cli.main(["llmjax", "finetune", f"--config={ROOT / 'configs/finetune/doc_vs_code.py'}", *args])
-        return str(e.value)
+        return user_error(["llmjax", "finetune", f"--config={ROOT / 'configs/finetune/doc_vs_code.py'}", *args], capsys)
 
     files = [f"--config.train_file={cls_train}", f"--config.validation_file={cls_val}"]
     encoder, decoder = tiny_runs.random_export("encoder"), tiny_runs.random_export("decoder")

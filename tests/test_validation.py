@@ -22,29 +22,35 @@ def test_shipped_configs_pass(path):
     check_train_config(load_config(path))
 
 
-@pytest.mark.parametrize("field,value,expected", [
-    ("eval_every", 0, "train.eval_every must be >= 1, got 0"),
-    ("log_every", 0, "train.log_every must be >= 1, got 0"),
-    ("steps", 0, "train.steps must be >= 1, got 0"),
-    ("batch_size", 0, "train.batch_size must be >= 1, got 0"),
-    ("seq_length", 0, "train.seq_length must be >= 1, got 0"),
-    ("micro_batches", 0, "train.micro_batches must be >= 1, got 0"),
-    ("eval_batches", 0, "train.eval_batches must be >= 1, got 0"),
-    ("checkpoint_every", -1, "train.checkpoint_every must be >= 0, got -1"),
-    ("keep_checkpoints", -1, "train.keep_checkpoints must be >= 0, got -1"),
-    ("num_samples", -1, "train.num_samples must be >= 0, got -1"),
-    ("data_workers", -2, "train.data_workers must be >= 0, got -2"),
-    ("z_loss", -1e-4, "train.z_loss must be >= 0, got -0.0001"),
-    ("label_smoothing", 1.0, "train.label_smoothing must be in [0, 1), got 1.0"),
-    ("label_smoothing", -0.1, "train.label_smoothing must be in [0, 1), got -0.1"),
+@pytest.mark.parametrize("section,field,value,expected", [
+    ("train", "eval_every", 0, "train.eval_every must be >= 1, got 0"),
+    ("train", "log_every", 0, "train.log_every must be >= 1, got 0"),
+    ("train", "steps", 0, "train.steps must be >= 1, got 0"),
+    ("train", "batch_size", 0, "train.batch_size must be >= 1, got 0"),
+    ("train", "seq_length", 0, "train.seq_length must be >= 1, got 0"),
+    ("train", "micro_batches", 0, "train.micro_batches must be >= 1, got 0"),
+    ("train", "eval_batches", 0, "train.eval_batches must be >= 1, got 0"),
+    ("train", "checkpoint_every", -1, "train.checkpoint_every must be >= 0, got -1"),
+    ("train", "keep_checkpoints", -1, "train.keep_checkpoints must be >= 0, got -1"),
+    ("train", "num_samples", -1, "train.num_samples must be >= 0, got -1"),
+    ("train", "data_workers", -2, "train.data_workers must be >= 0, got -2"),
+    ("train", "z_loss", -1e-4, "train.z_loss must be >= 0, got -0.0001"),
+    ("train", "label_smoothing", 1.0, "train.label_smoothing must be in [0, 1), got 1.0"),
+    ("train", "label_smoothing", -0.1, "train.label_smoothing must be in [0, 1), got -0.1"),
+    ("optim", "learning_rate", 0.0, "optim.learning_rate must be > 0"),
+    ("optim", "learning_rate", -1e-3, "optim.learning_rate must be > 0"),
+    ("optim", "warmup_steps", -1, "optim.warmup_steps must be a whole number >= 0"),
+    ("optim", "b2", 1.0, "optim.b2 must be in [0, 1)"),
+    ("optim", "weight_decay", -0.1, "optim.weight_decay must be >= 0"),
+    ("optim", "clip_norm", -1.0, "optim.clip_norm must be >= 0"),
 ])
-def test_bad_train_number_is_named_with_the_fix(field, value, expected):
+def test_bad_number_is_named_with_the_fix(section, field, value, expected):
     cfg = gpt_tiny()
-    cfg.train[field] = value
+    cfg[section][field] = value
     with pytest.raises(ConfigError) as e:
         check_train_config(cfg)
     assert expected in str(e.value)
-    if "must be >=" in expected:
+    if "must be >=" in expected and section == "train":
         assert f"--config.train.{field}=" in str(e.value)
 
 
@@ -56,27 +62,18 @@ def test_zero_means_off_is_allowed():
     check_train_config(cfg)
 
 
-@pytest.mark.parametrize("field,value,expected", [
-    ("learning_rate", 0.0, "optim.learning_rate must be > 0"),
-    ("learning_rate", -1e-3, "optim.learning_rate must be > 0"),
-    ("warmup_steps", -1, "optim.warmup_steps must be a whole number >= 0"),
-    ("b2", 1.0, "optim.b2 must be in [0, 1)"),
-    ("weight_decay", -0.1, "optim.weight_decay must be >= 0"),
-    ("clip_norm", -1.0, "optim.clip_norm must be >= 0"),
-])
-def test_bad_optim_number_is_named(field, value, expected):
-    cfg = gpt_tiny()
-    cfg.optim[field] = value
-    with pytest.raises(ConfigError) as e:
-        check_train_config(cfg)
-    assert expected in str(e.value)
-
-
-def test_batch_size_must_divide_into_micro_batches():
+def test_train_refuses_a_layout_before_preparing_or_writing_anything(tmp_path):
+    """The batch against micro-batches and the mesh (llmjax.sharding.validate_layout) before the lock and the
+    data preparation: nothing appears in the workdir."""
     cfg = gpt_tiny()
     cfg.train.update(batch_size=6, micro_batches=4)
     with pytest.raises(ConfigError, match="train.batch_size=6 is not divisible by train.micro_batches=4"):
-        check_train_config(cfg)
+        train.train_and_evaluate(cfg, tmp_path / "run", progress=False)
+    cfg = gpt_tiny()
+    cfg.mesh.update(data=3)  # the test session has 8 devices
+    with pytest.raises(ConfigError, match="mesh"):
+        train.train_and_evaluate(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_refuses_before_preparing_or_writing_anything(tmp_path):

@@ -56,16 +56,8 @@ USER_ERRORS = (
 USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
 
 
-_debug = [False]  # --debug of the command running now (a command module's own except clauses re-raise then)
-
-
 def debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("LLMJAX_DEBUG", "") not in ("", "0")
-
-
-def debugging() -> bool:
-    """True while a command runs with --debug or LLMJAX_DEBUG=1: user errors keep their traceback."""
-    return _debug[0] or debug_requested([])
 
 
 def user_error_message(error: BaseException) -> str | None:
@@ -100,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         debug, args = debug_requested(argv[2:]), [a for a in argv[2:] if a != "--debug"]
     runtime.prepare_process(many_steps=many_steps)
-    saved, _debug[0] = _debug[0], debug
     try:
         return importlib.import_module(f"{__name__}.{module}").main(args)
     except Exception as e:  # noqa: BLE001 - user errors become one line; anything else keeps its traceback
@@ -109,5 +100,3 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"llmjax {command}: {message}", file=sys.stderr)
         return 2
-    finally:
-        _debug[0] = saved

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from llmjax.cli.flags import setup_logging
 from llmjax.compare import CELLS, __doc__ as compare_doc, compare, load_grid, results_table
-from llmjax.models.config import ConfigError
 
 EXAMPLE = "llmjax compare --grid configs/compare/objectives.py --workdir runs/compare"
 
@@ -22,13 +21,10 @@ def main(args: list[str]) -> int:
     parser.add_argument("--budget-flops", type=float, default=None, help="override the grid's budget_flops")
     ns = parser.parse_args(args)
     setup_logging()
-    try:
-        grid = load_grid(ns.grid)
-        if ns.budget_flops is not None:
-            grid.budget_flops = ns.budget_flops
-        results = compare(grid, ns.workdir, max_cells=ns.max_cells)
-    except ConfigError as e:
-        raise SystemExit(f"llmjax compare: {e}") from None
+    grid = load_grid(ns.grid)  # a ConfigError becomes one line in llmjax.cli.main
+    if ns.budget_flops is not None:
+        grid.budget_flops = ns.budget_flops
+    results = compare(grid, ns.workdir, max_cells=ns.max_cells)
     print(results_table(results))
     print(f"wrote {Path(ns.workdir) / 'RESULTS.md'}, results.json, loss_vs_flops.png, yardsticks.png")
     failed = [r["name"] for r in results["cells"] if r["status"] == "failed"]

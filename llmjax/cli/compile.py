@@ -9,11 +9,11 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 from absl import flags
 
 from llmjax.cli.flags import parse_config_flags
 from llmjax.compile import compile_for_topology, format_report, how_to_get_libtpu, parse_topology, use_libtpu
-from llmjax.models.config import ConfigError
 
 EXAMPLE = "llmjax compile --config configs/llama_7b.py --topology v5p-128 --config.mesh.data=1 --config.mesh.fsdp=-1"
 
@@ -37,14 +37,11 @@ def main(args: list[str]) -> int:
     if not use_libtpu():
         print(how_to_get_libtpu(), file=sys.stderr)
         return 2
-    if "jax" not in sys.modules:
-        os.environ["JAX_PLATFORMS"] = "cpu"  # libtpu only compiles; nothing runs on a TPU
+    if not jax.config.jax_platforms:  # libtpu only compiles; nothing runs on a TPU (JAX is imported, not started)
+        jax.config.update("jax_platforms", "cpu")
     # Compiling touches no TPU, so several compiles may share the machine (libtpu otherwise takes a lock).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        report = compile_for_topology(fv.config, topology, kernel=fv.kernel)
-    except ConfigError as e:
-        raise SystemExit(f"llmjax compile: {e}") from None
+    report = compile_for_topology(fv.config, topology, kernel=fv.kernel)  # ConfigError: one line in cli.main
     print(format_report(report))
     if fv.json:
         Path(fv.json).write_text(json.dumps(report, indent=2) + "\n")

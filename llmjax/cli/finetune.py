@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from llmjax.cli import debugging
 from llmjax.cli.flags import parse_config_flags, setup_logging
 from llmjax.config import check_workdir
-from llmjax.data.tasks import TaskDataError
 from llmjax.finetune import finetune
 from llmjax.models.config import ConfigError
 
@@ -32,13 +30,7 @@ def main(args: list[str]) -> int:
         raise SystemExit("llmjax finetune: --workdir is required (the fine-tuned run is written there)")
     check_workdir(fv.workdir)  # a file or an unwritable directory is refused before anything is written
     try:
-        finetune(fv.config, fv.init_from, fv.workdir)
-    except (ConfigError, TaskDataError) as e:
-        if debugging():
-            raise
-        raise SystemExit(f"llmjax finetune: {e}") from None
+        finetune(fv.config, fv.init_from, fv.workdir)  # other user errors become one line in llmjax.cli.main
     except FileNotFoundError as e:
-        if debugging():
-            raise
-        raise SystemExit(f"llmjax finetune: --init-from: {e}") from None
+        raise ConfigError(f"--init-from: {e}") from e
     return 0

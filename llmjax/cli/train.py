@@ -7,11 +7,9 @@ import logging
 
 import jax
 
-from llmjax.cli import debugging
 from llmjax.cli.flags import parse_config_flags, setup_logging
 from llmjax.config import check_workdir
 from llmjax.launch.distributed import maybe_initialize_distributed
-from llmjax.models.config import ConfigError
 from llmjax.train import train_and_evaluate
 
 EXAMPLE = "llmjax train --config configs/gpt_tiny.py --workdir runs/gpt_tiny --config.train.steps=100"
@@ -25,10 +23,5 @@ def main(args: list[str]) -> int:
     check_workdir(fv.workdir)  # a file or an unwritable directory is refused before anything is written
     maybe_initialize_distributed()  # joins a multi-process run (launcher env vars or srun); else nothing
     logging.getLogger("llmjax").info("JAX %s devices: %s", jax.default_backend(), jax.devices())
-    try:
-        train_and_evaluate(fv.config, fv.workdir)
-    except ConfigError as e:  # a user error: the message names the field and the fix
-        if debugging():
-            raise
-        raise SystemExit(f"llmjax train: {e}") from None
+    train_and_evaluate(fv.config, fv.workdir)  # user errors become one line in llmjax.cli.main
     return 0
