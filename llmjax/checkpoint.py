@@ -41,6 +41,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -243,6 +244,65 @@ class NoGoodCheckpoint(ConfigError):
     """Checkpoints exist but none can be restored: a user decision is needed, not a fresh start."""
 
 
+class SaveFailed(ConfigError):
+    """A checkpoint save failed (disk full, quota, permissions): the run stops, the checkpoints before it stay."""
+
+
+# What a failed save's error text says about the cause, most specific first (TensorStore reports ENOSPC as
+# RESOURCE_EXHAUSTED with the OS message inside a long line).
+_SAVE_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
+
+
+def _save_failure_reason(e: BaseException) -> str:
+    text = str(e)
+    for reason in _SAVE_FAILURES:
+        if reason in text:
+            return reason
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+class _BackgroundSaveErrors(logging.Filter):
+    """Orbax's save threads log each failed write with a traceback (through absl), and asyncio logs every
+    unretrieved write future: a full disk gave hundreds of lines. The failure is raised as one SaveFailed
+    (chained to the original error, which --debug shows), so these records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.name == "absl":
+            return "orbax" not in record.pathname
+        if record.name == "asyncio" and record.exc_info and record.exc_info[2] is not None:
+            tb = record.exc_info[2]
+            while tb is not None:
+                if "orbax" in tb.tb_frame.f_code.co_filename:
+                    return False
+                tb = tb.tb_next
+        return True
+
+
+_QUIET = _BackgroundSaveErrors()
+
+
+def _quiet_unraisable(hook):
+    """sys.unraisablehook that drops the write callbacks of a failed save arriving after Orbax closed their
+    event loop (RuntimeError 'Event loop is closed' in call_soon_threadsafe: dozens per failed save, racy) and
+    passes everything else to `hook`."""
+    def quiet(unraisable):
+        e, tb = unraisable.exc_value, unraisable.exc_traceback
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and tb is not None:
+            while tb.tb_next is not None:
+                if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+                    return
+                tb = tb.tb_next
+            if tb.tb_frame.f_code.co_name in ("call_soon_threadsafe", "_check_closed"):
+                return
+        hook(unraisable)
+
+    quiet.llmjax = True
+    return quiet
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -299,9 +359,15 @@ class Checkpoints:
         self._manager = None
         self._pending: set[int] = set()  # saved by this run, manifest not written yet
         self._cleaned = False
+        self._failed: SaveFailed | None = None
         absl_log = logging.getLogger("absl")  # Orbax logs every save phase at INFO through absl
         if absl_log.level == logging.NOTSET:
             absl_log.setLevel(logging.WARNING)
+        for name in ("absl", "asyncio"):
+            if _QUIET not in logging.getLogger(name).filters:
+                logging.getLogger(name).addFilter(_QUIET)
+        if not getattr(sys.unraisablehook, "llmjax", False):
+            sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
 
     # Steps are listed from the directory itself (finalized step dirs are plain integers), so that looking
     # before a restore never writes anything.
@@ -358,14 +424,55 @@ class Checkpoints:
         if not self._cleaned:
             self.remove_tmp()
             self._cleaned = True
-        self._write_manifests()
+        self.check()
+        try:
+            self._write_manifests()
+        except OSError as e:
+            self._fail(e, step)
         if (self.directory / str(step)).exists():  # never write over a step directory (Orbax also refuses)
             raise FileExistsError(f"{self.directory / str(step)} exists already; not saving over it")
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(to_tree(state)),
-            data=grain_checkpoint.CheckpointSave(_DataSnapshot(data_state)),
-            config=ocp.args.JsonSave(cfg_json)), force=True)
         self._pending.add(step)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(to_tree(state)),
+                data=grain_checkpoint.CheckpointSave(_DataSnapshot(data_state)),
+                config=ocp.args.JsonSave(cfg_json)), force=True)
+        except Exception as e:  # noqa: BLE001 - a synchronous part of the save failed (its files, a full disk)
+            self._fail(e)
+
+    # A failed asynchronous save is raised at the first check after it failed (the loop checks after every
+    # step), naming the step directory it was writing; the older checkpoints are never touched by a save.
+    def check(self) -> None:
+        """Raise SaveFailed if a background save has failed (cheap: reads a flag of Orbax's save thread)."""
+        if self._failed is not None:
+            raise self._failed
+        if self._manager is not None and self._pending:
+            try:
+                self._manager.check_for_errors()
+            except Exception as e:  # noqa: BLE001 - whatever the save thread raised
+                self._fail(e)
+
+    def _fail(self, e: BaseException, step: int | None = None) -> None:
+        if step is None:
+            unfinished = [s for s in sorted(self._pending) if not (self.directory / str(s)).is_dir()]
+            step = unfinished[0] if unfinished else max(self._pending, default=0)
+        self._pending.clear()
+        try:
+            if self._manager is not None:
+                self._manager.wait_until_finished()  # the save's other threads end before its files go
+        except Exception:  # noqa: BLE001 - the same failure, raised again
+            pass
+        try:
+            self.remove_tmp()  # the failed save's partial files: freeing the space they hold
+        except OSError as cleanup:
+            log.warning("could not remove the failed save's temporary files: %s", cleanup)
+        good = [s for s in self.steps() if s != step]
+        before = (f"The checkpoints saved before it are intact (newest: {self.directory / str(good[0])}): "
+                  "free space and run the same command to resume from it" if good else
+                  "No checkpoint was saved before it: free space and run the same command to start again")
+        self._failed = SaveFailed(f"saving checkpoint {self.directory / str(step)} failed: "
+                                  f"{_save_failure_reason(e)}; training stopped at this save. {before}")
+        raise self._failed from e
 
     def restore_latest(self, target_state, target_shardings, cfg_json: dict, *, check=True):
         """(state, data_state, step) of the newest good checkpoint, or None if there is none. The state is
@@ -427,15 +534,33 @@ class Checkpoints:
 
     def wait(self) -> None:
         if self._manager is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Wait for the background save; its failure becomes SaveFailed."""
+        if self._failed is not None:
+            raise self._failed
+        try:
             self._manager.wait_until_finished()
             self._write_manifests(final=True)
+        except Exception as e:  # noqa: BLE001 - whatever the save thread raised
+            self._fail(e)
 
     def close(self) -> None:
-        if self._manager is not None:
-            self._manager.wait_until_finished()
-            self._write_manifests(final=True)
-            self._manager.close()
-            self._manager = None
+        """Wait for the last save and close. After a failed save nothing more is raised here (the failure
+        was raised where it was found); the manager is closed all the same."""
+        if self._manager is None:
+            return
+        try:
+            if self._failed is None:
+                self._finish()
+        finally:
+            manager, self._manager = self._manager, None
+            try:
+                manager.close()
+            except Exception:  # noqa: BLE001 - the failure is already reported (SaveFailed)
+                if self._failed is None:
+                    raise
 
 
 # --------------------------------------------------------------------------------------------- export

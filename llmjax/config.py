@@ -16,6 +16,7 @@ from llmjax.data.prepare import default_data_config
 from llmjax.loop import default_train_config
 from llmjax.models.config import ConfigError, ModelConfig, model_config_dict
 from llmjax.objectives import OBJECTIVES, objective_config
+from llmjax.profiling import parse_profile_steps
 from llmjax.state import default_optim_config
 
 
@@ -106,6 +107,11 @@ def check_train_config(cfg) -> None:
         value = tc.label_smoothing
         if not _number(value) or not 0.0 <= value < 1.0:
             raise ConfigError(f"train.label_smoothing must be in [0, 1), got {value!r} (0 = off; e.g. 0.1)")
+    if "profile_steps" in tc:
+        try:
+            parse_profile_steps(tc.profile_steps)
+        except ValueError as e:  # the message names the field and the fix
+            raise ConfigError(str(e)) from None
     oc = cfg.get("optim") or {}
     checks = (
         ("learning_rate", lambda v: v > 0, "must be > 0", "e.g. --config.optim.learning_rate=1e-3"),

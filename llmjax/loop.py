@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from llmjax import checkpoint as ckpt_lib
 from llmjax import metrics as mt
+from llmjax import profiling
 from llmjax.models.config import ConfigError, ModelConfig
 from llmjax.params import flat_values, flatten, set_params, unflatten
 from llmjax.state import TrainState, init_state, init_state_abstract, init_state_from
@@ -53,6 +54,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # the newest K complete checkpoints are kept in WORKDIR/checkpoints; 0 = keep all
     c.data_workers = 0  # Grain worker processes building batches in the background (0 = in this process)
     c.keep_best = False  # also keep the parameters with the lowest validation loss in WORKDIR/best (export layout)
+    c.profile_steps = ""  # "N,M": jax.profiler trace of steps N..M (N >= 2) into WORKDIR/tensorboard; "" = off
     return c
 
 
@@ -114,8 +116,9 @@ class Result:
     step: int
     train: dict  # the last logged training metrics
     eval: dict  # the last evaluation
-    eval_start: dict  # the evaluation before the first step ({} when resumed)
+    eval_start: dict  # the evaluation before the first step (resumed: the first one in metrics.jsonl, or {})
     preempted: str | None = None  # the signal that stopped the run early, or None
+    eval_start_step: int = 0  # the step of eval_start
 
 
 def fit(step_fn, start: Start, batches: Iterator[dict], tc, mesh, *, first_batch: dict | None = None,
@@ -146,17 +149,21 @@ def fit(step_fn, start: Start, batches: Iterator[dict], tc, mesh, *, first_batch
         peak, peak_source = mt.peak_flops_per_device(tc.peak_flops)
         log.info("peak %.3g FLOP/s per device (%s); %.3g FLOPs per step", peak, peak_source, flops_per_step)
 
-    eval_start = {}
+    eval_start, eval_start_step, last_eval = {}, step, {}
     if evaluate is not None and (eval_at_start if eval_at_start is not None else not resumed):
-        eval_start = evaluate(state)
+        eval_start = last_eval = evaluate(state)
         write(step, eval_start, "eval")
         log.info("step %d: validation %s", step, describe(eval_start))
-    elif resumed and step >= tc.steps:
+    elif resumed and workdir is not None:  # the interrupted run's evaluations, for the summary
+        earlier = mt.evaluations(mt.read_metrics(workdir))
+        if earlier:
+            (eval_start_step, eval_start), (_, last_eval) = earlier[0], earlier[-1]
+    if resumed and step >= tc.steps:
         log.info("already trained to step %d (train.steps=%d): nothing to do", step, tc.steps)
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and is_writer), desc=desc, unit="step",
                dynamic_ncols=True)
     batch = first_batch if first_batch is not None else (next(batches) if step < tc.steps else None)
-    last_train, last_eval = {}, eval_start
+    last_train = {}
     window_start, window_steps = time.perf_counter(), 0
     preempted = None
     last_saved = start.resumed_from  # the newest checkpoint known finite: named when a non-finite value stops the run
@@ -165,7 +172,10 @@ def fit(step_fn, start: Start, batches: Iterator[dict], tc, mesh, *, first_batch
     with preemption:
         try:
             while step < tc.steps:
-                state, m = step_fn(state, global_batch(batch, mesh))
+                profiling.before_step(tc, workdir, step + 1, start.step)  # starts the train.profile_steps trace
+                with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):  # steps in the profile plugin
+                    state, m = step_fn(state, global_batch(batch, mesh))
+                profiling.after_step(tc, step + 1, (state, m))  # at the window's end: blocks, writes the trace
                 step += 1
                 window_steps += 1
                 bar.update(1)
@@ -200,6 +210,8 @@ def fit(step_fn, start: Start, batches: Iterator[dict], tc, mesh, *, first_batch
                             writer.text(step, tag, text)
                     window_start, window_steps = time.perf_counter(), 0  # evaluation time is not training time
                 stop = preemption.reached(step)  # every step, on every process (the sync point needs it)
+                if checkpoints is not None:
+                    checkpoints.check()  # a background save that failed (disk full) stops the run, naming it
                 if checkpoints is not None and (
                         stop or step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
                     # Never save a non-finite state: retention would then drop a good checkpoint for it.
@@ -223,7 +235,7 @@ def fit(step_fn, start: Start, batches: Iterator[dict], tc, mesh, *, first_batch
     if preempted is not None:
         log.warning("preempted (%s) at step %d: saved checkpoint %s; run the same command to resume",
                     preempted, step, checkpoints.directory / str(step))
-    return Result(state, step, last_train, last_eval, eval_start, preempted)
+    return Result(state, step, last_train, last_eval, eval_start, preempted, eval_start_step)
 
 
 # ------------------------------------------------------------------------------------ non-finite guard

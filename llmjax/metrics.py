@@ -17,7 +17,10 @@ import numpy as np
 # Dense peak FLOP/s per chip (bf16) of common accelerators, by jax device_kind prefix.
 KNOWN_PEAKS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    # NVIDIA dense bf16 (no sparsity). First matching prefix wins: longer names before their prefixes.
+    "NVIDIA H200": 989e12, "NVIDIA GH200": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H100": 989e12, "NVIDIA A100": 312e12,
 }
 
 
@@ -112,6 +115,16 @@ def parse_rows(text: str, source="metrics.jsonl") -> list[dict]:
 def read_metrics(workdir) -> list[dict]:
     path = Path(workdir) / "metrics.jsonl"
     return parse_rows(path.read_text(errors="replace"), path) if path.exists() else []
+
+
+def evaluations(rows: list[dict], prefix: str = "eval") -> list[tuple[int, dict]]:
+    """[(step, {metric: value})] of the evaluation rows (those with `prefix/` keys), in file order."""
+    out = []
+    for row in rows:
+        values = {k[len(prefix) + 1:]: v for k, v in row.items() if k.startswith(prefix + "/")}
+        if values:
+            out.append((row["step"], {k: (math.nan if v is None else v) for k, v in values.items()}))
+    return out
 
 
 def plot_losses(workdir) -> Path:

@@ -71,6 +71,11 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
 def _train_and_evaluate(cfg, workdir: Path, model_cfg: ModelConfig, mesh, *, progress: bool) -> dict:
     is_writer = jax.process_index() == 0
     tc = cfg.train
+    cfg_json = json.loads(cfg.to_json_best_effort())
+    checkpoints = ckpt_lib.Checkpoints(workdir, keep=tc.keep_checkpoints)
+    finished = finished_summary(checkpoints, cfg_json, workdir, tc.steps)
+    if finished is not None:  # the same command again after the run ended: say so, change nothing
+        return finished
     if is_writer:
         workdir.mkdir(parents=True, exist_ok=True)
 
@@ -88,17 +93,9 @@ def _train_and_evaluate(cfg, workdir: Path, model_cfg: ModelConfig, mesh, *, pro
 
     rules = shd.rules_dict(cfg.sharding.rules)
     tx = make_optimizer(cfg.optim, tc.steps)
-    cfg_json = json.loads(cfg.to_json_best_effort())
-    checkpoints = ckpt_lib.Checkpoints(workdir, keep=tc.keep_checkpoints)
     start = loop.start_state(model_cfg, tx, mesh, rules, tc.seed, checkpoints=checkpoints, cfg_json=cfg_json)
     if start.resumed_from is not None:
         log.info("resuming from checkpoint %s at step %d", start.resumed_from, start.step)
-    if is_writer:
-        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
-        (workdir / "command.txt").write_text(" ".join(sys.argv) + "\n")
-        abstract = nnx.state(nnx.eval_shape(lambda: build_model(model_cfg, tc.seed)), nnx.Param)
-        (workdir / "sharding.txt").write_text(
-            f"mesh {dict(mesh.shape)}\n" + shd.describe(abstract, start.state_sh.params) + "\n")
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(start.state.params))
     log.info("model: %s family, %.2fM parameters; mesh %s", model_cfg.family, n_params / 1e6, dict(mesh.shape))
 
@@ -110,8 +107,16 @@ def _train_and_evaluate(cfg, workdir: Path, model_cfg: ModelConfig, mesh, *, pro
         try:
             train_it.set_state(start.data_state)
         except ValueError as e:
+            train_it.close() if hasattr(train_it, "close") else None
             raise ConfigError(f"cannot resume from {start.resumed_from}: {e} (train.batch_size, train.seed and the "
                               "data must stay as they were)") from None
+    # Written once the resume is accepted: a refused one leaves the run's config.json and command.txt as they were.
+    if is_writer:
+        (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
+        (workdir / "command.txt").write_text(" ".join(sys.argv) + "\n")
+        abstract = nnx.state(nnx.eval_shape(lambda: build_model(model_cfg, tc.seed)), nnx.Param)
+        (workdir / "sharding.txt").write_text(
+            f"mesh {dict(mesh.shape)}\n" + shd.describe(abstract, start.state_sh.params) + "\n")
     first = next(train_it)
     batch_sh = batch_shardings(mesh, first)
     loss_fn, weights_fn = objective_loss(cfg.objective)
@@ -160,9 +165,33 @@ def _train_and_evaluate(cfg, workdir: Path, model_cfg: ModelConfig, mesh, *, pro
         print("\nsamples:")
         for s in sample_texts(start.graphdef, result.state, tokenizer, tc):
             print("  " + repr(s))
-    print(f"validation loss: {result.eval_start.get('loss', float('nan')):.4f} at step {start.step} -> "
+    print(f"validation loss: {result.eval_start.get('loss', float('nan')):.4f} at step {result.eval_start_step} -> "
           f"{result.eval.get('loss', float('nan')):.4f} at step {result.step}")
     return summary
+
+
+def finished_summary(checkpoints, cfg_json: dict, workdir: Path, steps: int) -> dict | None:
+    """For a workdir whose newest checkpoint is at or past `steps` (its run ended), the run's summary read from
+    metrics.jsonl, printed; None otherwise. Nothing is prepared, compiled, measured or written. A config whose
+    model or optimizer differs from the checkpoint's is refused as on a resume (ConfigError)."""
+    done = checkpoints.steps()
+    if not done or done[0] < steps:
+        return None
+    where = checkpoints.directory / str(done[0])
+    try:
+        saved = checkpoints.read_config(done[0])
+    except (OSError, ValueError):  # unreadable: the resume path reports it (and falls back to an older one)
+        return None
+    ckpt_lib.check_compatible(saved, cfg_json, str(where))
+    rows = mt.read_metrics(workdir)
+    evals = mt.evaluations(rows)
+    trains = mt.evaluations(rows, "train")
+    (s0, e0), (s1, e1) = (evals[0], evals[-1]) if evals else ((0, {}), (done[0], {}))
+    print(f"{workdir} is already trained to step {done[0]} (train.steps={steps}); nothing to do. "
+          f"validation loss: {e0.get('loss', float('nan')):.4f} at step {s0} -> {e1.get('loss', float('nan')):.4f} "
+          f"at step {s1}. To train longer, raise --config.train.steps; to use it: "
+          f"llmjax export --workdir {workdir} --out DIR")
+    return {"train": trains[-1][1] if trains else {}, "eval": e1, "eval_start": e0, "finished": done[0]}
 
 
 def sample_texts(graphdef, state, tokenizer, tc) -> list[str]:

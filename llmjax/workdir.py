@@ -12,6 +12,7 @@ can still run on one workdir. A multi-process run holds one lock, taken by proce
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -20,6 +21,8 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from llmjax.models.config import ConfigError
 
@@ -79,18 +82,37 @@ class _NoLock:
 
     held = False
 
-    def __enter__(self):
+    def acquire(self) -> "_NoLock":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def release(self) -> None:
         pass
 
 
+@contextlib.contextmanager
 def lock_workdir(workdir, *, enabled: bool | None = None):
-    """The run's lock on `workdir` (a context manager); by default only process 0 of a multi-process run locks."""
+    """Hold the run's lock on `workdir` for the `with` block; by default only process 0 of a multi-process run
+    locks, and its answer is shared, so that when it is refused every process stops with the same message
+    (rather than the others waiting for process 0 at their next collective)."""
     if enabled is None:
         enabled = jax.process_index() == 0
-    return WorkdirLock(workdir) if enabled else _NoLock()
+    lock = WorkdirLock(workdir) if enabled else _NoLock()
+    refused = None
+    try:
+        lock.acquire()
+    except ConfigError as e:
+        refused = e
+    if jax.process_count() > 1:
+        held_by_0 = multihost_utils.broadcast_one_to_all(np.int32(refused is None))
+        if refused is None and not int(held_by_0):
+            refused = ConfigError(f"workdir {workdir} is in use by another run (refused on process 0; see its "
+                                  "message); wait for it to end or stop it, or use another --workdir")
+    if refused is not None:
+        raise refused
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def _read_holder(fd: int) -> dict:

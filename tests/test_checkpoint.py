@@ -189,17 +189,46 @@ def test_corrupt_newest_checkpoint_is_skipped_named_and_kept(tmp_path, data_dir,
     assert params_of(work)[0] == 16
 
 
-def test_shape_changing_config_is_refused_and_checkpoints_untouched(tmp_path, data_dir, capsys):
+def test_refused_resumes_change_nothing_and_a_finished_run_says_so(tmp_path, data_dir, capsys):
     work = tmp_path / "w"
     train(*args(work, data_dir, 8))
     before = hashes(work / "checkpoints")
+    run_files = {name: (work / name).read_bytes() for name in ("config.json", "command.txt")}
     message = user_error(["llmjax", *args(work, data_dir, 12, "--config.model.num_layers=3")], capsys)
     assert "model.num_layers (checkpoint 2, now 3)" in message, message
+    # A change the data position cannot follow is refused after the state was restored, and before
+    # the run's files are rewritten.
+    message = user_error(["llmjax", *args(work, data_dir, 12, "--config.train.seed=1")], capsys)
+    assert message.startswith(f"llmjax train: cannot resume from {work / 'checkpoints' / '8'}"), message
+    assert "train.seed" in message, message
     assert hashes(work / "checkpoints") == before
+    assert {name: (work / name).read_bytes() for name in run_files} == run_files
     assert not (work / checkpoint.CORRUPT).exists()
-    # Changing the length of the run (and so the schedule) or logging is allowed.
+
+    # Changing the length of the run (and so the schedule) or logging is allowed; the resumed run's summary
+    # starts from the first run's validation at step 0 (not "nan").
+    first_eval = next(r["eval/loss"] for r in read_metrics(work) if "eval/loss" in r)
+    capsys.readouterr()
     train(*args(work, data_dir, 10, "--config.train.log_every=2"))
     assert checkpoint.Checkpoints(work).steps()[0] == 10
+    last_eval = [r["eval/loss"] for r in read_metrics(work) if "eval/loss" in r][-1]
+    assert f"validation loss: {first_eval:.4f} at step 0 -> {last_eval:.4f} at step 10" in capsys.readouterr().out
+
+    # The same command again: the run is finished; said at once, nothing prepared, measured or written.
+    def files_of(work):  # but the lock, which every run takes
+        return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in work.rglob("*")
+                if p.is_file() and p.name != ".lock"}
+
+    files = files_of(work)
+    t = time.perf_counter()
+    train(*args(work, data_dir, 10, "--config.train.log_every=2"))
+    took = time.perf_counter() - t
+    out = capsys.readouterr()
+    assert f"{work} is already trained to step 10 (train.steps=10); nothing to do" in out.out, out
+    assert f"validation loss: {first_eval:.4f} at step 0 -> {last_eval:.4f} at step 10" in out.out
+    assert "peak" not in out.err and "prepared" not in out.err, out.err
+    assert files_of(work) == files
+    assert took < 5, took
 
 
 def test_export_writes_params_only_and_they_load_into_a_model(tmp_path, data_dir):

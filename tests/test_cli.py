@@ -36,6 +36,13 @@ def test_bad_command_line_input_is_named(tmp_path):
         cli.main(["llmjax", "prepare", f"--config={CONFIG}", "--config.data.vocab_size=800", f"--workdir={tmp_path}"])
     assert not any(tmp_path.iterdir())  # nothing written
     assert cli.main(["llmjax", "frobnicate"]) == 2
+    broken = tmp_path.parent / f"{tmp_path.name}_broken_config.py"  # a config file that raises: named, with its line
+    broken.write_text("import os\n\ndef get_config():\n    return os.environ['LLMJAX_NO_SUCH_VARIABLE']\n")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["llmjax", "train", f"--config={broken}", f"--workdir={tmp_path / 'w'}"])
+    assert str(e.value) == (f"llmjax train: --config: line 4 of {broken} raised KeyError: "
+                            "'LLMJAX_NO_SUCH_VARIABLE'; fix the config file")
+    assert not (tmp_path / "w").exists()
 
 
 def test_console_script_is_installed():

@@ -20,6 +20,7 @@ import pytest
 
 from llmjax.cli import launch as launch_command
 from llmjax.launch import k8s, local
+from llmjax.launch.tpu_vm import UV_VERSION, _jax_version
 from llmjax.launch.distributed import (CHILD_MODULE, LaunchError, distributed_settings, first_slurm_host,
                                        slurm_tasks_on_node)
 
@@ -153,22 +154,53 @@ def test_missing_command_is_a_clear_error(capsys):
     assert "after --" in capsys.readouterr().err
 
 
-def test_tpu_vm_commands(capsys):
-    assert launch_command.main(["tpu-vm", "--name", "pod", "--zone", "us-central2-b", "--project", "p", "--package",
-                        "git+https://example.com/llmjax", "--", "train", "--config", "configs/gpt_tiny.py",
-                        "--workdir", "gs://b/run"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2
-    install, train = (shlex.split(line) for line in lines)
-    for argv in (install, train):
-        assert argv[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=us-central2-b",
-                            "--project=p", "--worker=all"]
-        assert argv[9] == "--command"
-    assert "pip install -U 'jax[tpu]==" in install[10] and "git+https://example.com/llmjax" in install[10]
-    remote = shlex.split(train[10])
-    assert remote[:2] == ["LLMJAX_DISTRIBUTED=auto", "PYTHONUNBUFFERED=1"]
-    assert remote[-6:] == [CHILD_MODULE, "train", "--config", "configs/gpt_tiny.py", "--workdir",
-                           "gs://b/run"]
+def test_tpu_vm_commands(capsys, tmp_path):
+    """Pack the checkout here, scp it to every worker, unpack it into ~/llmjax, pip-install it with jax[tpu] of
+    the pinned version, train from there (tests/test_launch_examples.py runs these commands)."""
+    bundle = tmp_path / "src.tgz"
+    assert launch_command.main(["tpu-vm", "--name", "pod", "--zone", "us-central2-b", "--project", "p", "--source",
+                                str(REPO), "--bundle", str(bundle), "--setup", "source ~/venv/bin/activate", "--",
+                                "train", "--config", "configs/gpt_tiny.py", "--workdir", "gs://b/run"]) == 0
+    pack, scp, unpack, install, train = (shlex.split(line) for line in capsys.readouterr().out.splitlines())
+    assert pack[:2] == ["bash", "-c"] and "ls-files" in pack[2] and str(bundle) in pack[2]
+    where = ["--zone=us-central2-b", "--project=p", "--worker=all"]
+    assert scp == ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(bundle), "pod:llmjax-src.tgz", *where]
+    for argv in (unpack, install, train):
+        assert argv[:10] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", *where, "--command"]
+    assert unpack[10] == "rm -rf llmjax && mkdir -p llmjax && tar -xzf llmjax-src.tgz -C llmjax"
+    # A Python 3.11 venv made by uv (TPU VM images have 3.10), the unpacked checkout installed into it.
+    assert install[10].split(" && ") == [
+        "source ~/venv/bin/activate", f"curl -LsSf https://astral.sh/uv/{UV_VERSION}/install.sh | sh",
+        "~/.local/bin/uv venv --python 3.11 --clear ~/llmjax-venv",
+        f"~/.local/bin/uv pip install --python ~/llmjax-venv/bin/python 'jax[tpu]=={_jax_version()}' ./llmjax"]
+    steps = train[10].split(" && ")
+    assert steps[:2] == ["source ~/venv/bin/activate", "cd llmjax"]
+    remote = shlex.split(steps[2])
+    assert remote[:3] == ["LLMJAX_DISTRIBUTED=auto", "PYTHONUNBUFFERED=1", "~/llmjax-venv/bin/python"]
+    assert remote[-6:] == [CHILD_MODULE, "train", "--config", "configs/gpt_tiny.py", "--workdir", "gs://b/run"]
+    # --python: an interpreter the workers already have, pip-installing into it.
+    assert launch_command.main(["tpu-vm", "--name", "pod", "--zone", "z", "--source", str(REPO), "--python",
+                                "python3.11", "--", "train", "--config", "configs/gpt_tiny.py"]) == 0
+    install, train = (shlex.split(line)[-1] for line in capsys.readouterr().out.splitlines()[3:])
+    assert install == f"python3.11 -m pip install 'jax[tpu]=={_jax_version()}' ./llmjax"
+    assert "PYTHONUNBUFFERED=1 python3.11 -m llmjax.cli.child train" in train
+
+
+@pytest.mark.parametrize("config, message", [
+    ("/home/me/llmjax/configs/gpt_tiny.py", "absolute path of this machine; give it relative to the llmjax checkout"),
+    ("configs/no_such.py", "is not a file of the checkout"),
+])
+def test_tpu_vm_config_must_be_in_the_checkout(capsys, config, message):
+    assert launch_command.main(["tpu-vm", "--name", "pod", "--zone", "z", "--source", str(REPO), "--",
+                                "train", "--config", config, "--workdir", "gs://b/run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_tpu_vm_source_must_be_a_checkout(capsys, tmp_path):
+    assert launch_command.main(["tpu-vm", "--name", "pod", "--zone", "z", "--source", str(tmp_path), "--",
+                                "train", "--config", "configs/gpt_tiny.py", "--workdir", "gs://b/run"]) == 2
+    assert "is not an llmjax checkout (no pyproject.toml)" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ Kubernetes
@@ -276,6 +308,7 @@ def test_k8s_jobset_manifest_validates(accel, tmp_path):
     assert env["LLMJAX_NUM_PROCESSES"]["value"] == "4" and env["A"]["value"] == "1"
     assert "job-completion-index" in env["LLMJAX_PROCESS_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert c["command"][1:3] == ["-m", CHILD_MODULE]
+    assert c["workingDir"] == k8s.IMAGE_HOME == "/opt/llmjax"  # launch/Dockerfile's WORKDIR, holding configs/
     if accel == "tpu":
         assert pod["nodeSelector"] == {"cloud.google.com/gke-tpu-accelerator": "tpu-v5p-slice",
                                        "cloud.google.com/gke-tpu-topology": "2x2x4"}
@@ -300,6 +333,9 @@ def test_k8s_validation_catches_mistakes():
         _validate_jobset(bad_set)
     with pytest.raises(SystemExit, match="DNS label"):
         k8s.jobset_manifest(["train"], name="Bad_Name", image="i")
+    with pytest.raises(LaunchError, match="not of the image; give it relative to /opt/llmjax"):
+        k8s.jobset_manifest(["train", "--config", "/home/me/configs/gpt_tiny.py"], name="a", image="i")
+    k8s.jobset_manifest(["train", "--config=/opt/llmjax/configs/gpt_tiny.py"], name="a", image="i")  # in the image
 
 
 SMALL_MODEL = ["--config.model.d_model=64", "--config.model.mlp_dim=128", "--config.model.num_layers=2",

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import portpicker
 import pytest
 
 from llmjax.metrics import read_metrics
@@ -108,3 +109,39 @@ def test_second_train_on_a_running_workdir_is_refused_and_the_first_finishes(tmp
     assert steps_logged == list(range(1, steps + 1)), steps_logged  # one history
     with WorkdirLock(workdir):  # the finished run released its lock
         pass
+
+
+TWO_PROCESS_LOCK = """
+import sys
+import jax
+jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
+from llmjax.models.config import ConfigError
+from llmjax.workdir import lock_workdir
+try:
+    with lock_workdir(sys.argv[3]):
+        print("ran")
+except ConfigError as e:
+    print("refused:", e)
+"""
+
+
+def test_a_refused_lock_stops_every_process_of_a_multi_process_run(tmp_path):
+    workdir = tmp_path / "run"
+
+    def run_two():
+        port = portpicker.pick_unused_port()
+        procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_LOCK, str(i), str(port), str(workdir)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=dict(os.environ, JAX_PLATFORMS="cpu")) for i in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+        # (gloo prints its connections on stdout too)
+        return [[line for line in out.splitlines() if line.startswith(("ran", "refused:"))][-1] for out, _ in outs]
+
+    with WorkdirLock(workdir):  # another run holds it: both processes are refused (not only process 0)
+        first, second = run_two()
+    assert first.startswith(f"refused: workdir {workdir} is in use by another run (host "), first
+    assert second.startswith(f"refused: workdir {workdir} is in use by another run (refused on process 0"), second
+    assert run_two() == ["ran", "ran"]  # free again: one lock for the run, both processes run

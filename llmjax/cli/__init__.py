@@ -7,6 +7,7 @@ Before a command module (and with it JAX) is imported, the process settings of l
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import os
 import sys
@@ -54,6 +55,8 @@ USER_ERRORS = (
 )
 # OS errors about the paths a user passes (a missing file, a directory where a file was expected, ...)
 USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+# ... and the state of the disk they are on: full, over quota, mounted read-only
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def debug_requested(argv: list[str]) -> bool:
@@ -66,7 +69,7 @@ def user_error_message(error: BaseException) -> str | None:
                   and isinstance(getattr(sys.modules[m], c, None), type))
     if types and isinstance(error, types):
         return str(error).strip() or type(error).__name__
-    if isinstance(error, USER_OS_ERRORS):
+    if isinstance(error, USER_OS_ERRORS) or (isinstance(error, OSError) and error.errno in USER_ERRNOS):
         if error.filename is not None:
             why = error.strerror or str(error)
             return f"{why}: {str(error.filename)!r}" + (

@@ -7,6 +7,7 @@ import difflib
 import logging
 import os
 import sys
+import traceback
 
 from absl import flags
 from ml_collections import config_flags
@@ -70,6 +71,14 @@ def check_config_file(prog: str, args: list[str], example: str = "configs/gpt_ti
         raise SystemExit(f"{prog}: --config: file {path!r} does not exist; {hint}")
     if not os.path.isfile(path):
         raise SystemExit(f"{prog}: --config: {path!r} is not a file; {hint}")
+    try:  # an error inside the file is named here, with its line (absl would say only "Error whilst parsing")
+        load_config(path)
+    except Exception as e:  # noqa: BLE001 - whatever the user's file raised
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                     if os.path.abspath(f.filename) == os.path.abspath(path)), None)
+        where = f"line {line} of {path}" if line else path
+        raise SystemExit(f"{prog}: --config: {where} raised {type(e).__name__}: {_first_line(e)}; fix the config "
+                         "file") from None
 
 
 def setup_logging() -> None:

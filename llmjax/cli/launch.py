@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from llmjax.launch import build_parser, k8s, slurm, tpu_vm
+from llmjax.launch import LaunchError, build_parser, k8s, slurm, tpu_vm
 from llmjax.launch.local import run_local
 
 
@@ -38,6 +38,9 @@ def main(argv: list[str]) -> int:
         if args.target == "k8s":
             return k8s.run(args, command)
         return tpu_vm.run(args, command)
+    except LaunchError as e:  # one line naming the option and the fix
+        print(e, file=sys.stderr)
+        return 2
     except SystemExit as e:
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

@@ -37,6 +37,16 @@ class LaunchError(ValueError):
     """A launcher or distributed-setup mistake; the message names the option or variable and the fix."""
 
 
+def config_path(command: list[str]) -> str | None:
+    """The FILE of `--config FILE` / `--config=FILE` in an llmjax command line, or None."""
+    for i, a in enumerate(command):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(command):
+            return command[i + 1]
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class DistributedSettings:
     source: str  # 'env' | 'slurm' | 'auto'

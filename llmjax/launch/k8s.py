@@ -3,6 +3,9 @@
 One replicated job of `--num-hosts` indexed pods (one JAX process per host). Pods find each other through
 the JobSet headless service: the coordinator is pod 0 of job 0, `<name>-<job>-0-0.<name>:<port>`, and each
 pod's process id is its job completion index. Apply with `kubectl apply -f FILE` (JobSet controller installed).
+
+The image is the one launch/Dockerfile builds: llmjax installed, its checkout's configs/ at IMAGE_HOME
+(/opt/llmjax), the container's working directory, so `--config configs/NAME.py` resolves in every pod.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import re
 import shlex
 import sys
 
-from llmjax.launch.distributed import CHILD_MODULE
+from llmjax.launch.distributed import CHILD_MODULE, LaunchError, config_path
 
 API_VERSION = "jobset.x-k8s.io/v1alpha2"
 REPLICATED_JOB = "workers"
 CONTAINER = "llmjax"
+IMAGE_HOME = "/opt/llmjax"  # launch/Dockerfile: WORKDIR, holding configs/ (and the sources it installed)
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -28,7 +32,7 @@ def jobset_manifest(command: list[str], *, name: str, image: str, num_hosts: int
                     tpu_accelerator: str = "", tpu_topology: str = "", chips_per_host: int = 4,
                     gpus_per_host: int = 0, gpu_accelerator: str = "", port: int = 8476, env: list[str] = (),
                     cpu: str = "", memory: str = "", max_restarts: int = 0, service_account: str = "",
-                    python: str = "python3") -> dict:
+                    python: str = "python3", working_dir: str = IMAGE_HOME) -> dict:
     if not _DNS_LABEL.match(name) or len(name) > 40:
         raise SystemExit(f"llmjax launch k8s: --name {name!r} must be a DNS label (lowercase letters, digits, '-'), "
                          "at most 40 characters")
@@ -43,6 +47,10 @@ def jobset_manifest(command: list[str], *, name: str, image: str, num_hosts: int
         raise SystemExit("llmjax launch k8s: choose TPUs (--tpu-accelerator) or GPUs (--gpus-per-host), not both")
     if not command:
         raise SystemExit("llmjax launch k8s: give the command after --, e.g. -- train --config ... --workdir gs://...")
+    config = config_path(command)
+    if config and working_dir and config.startswith("/") and not config.startswith(working_dir.rstrip("/") + "/"):
+        raise LaunchError(f"llmjax launch k8s: --config {config} is a path of this machine, not of the image; give it "
+                          f"relative to {working_dir} (the image's checkout), e.g. configs/{config.rsplit('/', 1)[-1]}")
 
     env_list = [
         {"name": "LLMJAX_COORDINATOR", "value": f"{coordinator_host(name)}:{port}"},
@@ -78,6 +86,8 @@ def jobset_manifest(command: list[str], *, name: str, image: str, num_hosts: int
         "ports": [{"containerPort": port, "name": "coordinator"}],
         "env": env_list,
     }
+    if working_dir:
+        container["workingDir"] = working_dir
     if limits:
         container["resources"] = {"limits": limits, "requests": dict(limits)}
     pod_spec: dict = {"restartPolicy": "Never", "containers": [container]}
@@ -124,7 +134,7 @@ def to_yaml(manifest: dict) -> str:
 
 def add_arguments(p) -> None:
     p.add_argument("--name", required=True, help="JobSet name (DNS label)")
-    p.add_argument("--image", required=True, help="container image with llmjax installed")
+    p.add_argument("--image", required=True, help="container image built from launch/Dockerfile")
     p.add_argument("--num-hosts", type=int, default=1, help="pods = JAX processes (TPU slice hosts / GPU nodes)")
     p.add_argument("--namespace", default="")
     p.add_argument("--tpu-accelerator", default="", help="e.g. tpu-v5p-slice, tpu-v5-lite-podslice, tpu-v6e-slice")
@@ -139,17 +149,23 @@ def add_arguments(p) -> None:
     p.add_argument("--max-restarts", type=int, default=0, help="JobSet failurePolicy.maxRestarts")
     p.add_argument("--service-account", default="", help="e.g. one with GCS access for gs:// workdirs")
     p.add_argument("--python", default="python3")
+    p.add_argument("--working-dir", default=IMAGE_HOME,
+                   help="the container's working directory, where configs/ is (launch/Dockerfile: /opt/llmjax)")
     p.add_argument("--output", "-o", default="-", help="manifest file ('-' = stdout)")
 
 
-def run(args, command: list[str]) -> int:
-    manifest = jobset_manifest(
+def render(args, command: list[str]) -> str:
+    """The manifest `llmjax launch k8s` writes, as YAML (JSON without PyYAML)."""
+    return to_yaml(jobset_manifest(
         command, name=args.name, image=args.image, num_hosts=args.num_hosts, namespace=args.namespace,
         tpu_accelerator=args.tpu_accelerator, tpu_topology=args.tpu_topology, chips_per_host=args.chips_per_host,
         gpus_per_host=args.gpus_per_host, gpu_accelerator=args.gpu_accelerator, port=args.port, env=args.env,
         cpu=args.cpu, memory=args.memory, max_restarts=args.max_restarts, service_account=args.service_account,
-        python=args.python)
-    text = to_yaml(manifest)
+        python=args.python, working_dir=args.working_dir))
+
+
+def run(args, command: list[str]) -> int:
+    text = render(args, command)
     if args.output == "-":
         sys.stdout.write(text)
     else:

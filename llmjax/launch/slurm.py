@@ -101,13 +101,18 @@ def add_arguments(p) -> None:
     p.add_argument("--script-out", default="", help="also write the script to this file")
 
 
-def run(args, command: list[str]) -> int:
-    script = render_sbatch(
+def render(args, command: list[str]) -> str:
+    """The sbatch script `llmjax launch slurm` submits (and prints with --dry-run)."""
+    return render_sbatch(
         command, nodes=args.nodes, tasks_per_node=args.tasks_per_node, gpus_per_node=args.gpus_per_node,
         cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time, account=args.account,
         job_name=args.job_name, output=args.output, sbatch_lines=args.sbatch_line, setup=args.setup,
         env=args.env, devices_per_task=args.devices_per_task, python=args.python,
         coordinator_port=args.coordinator_port)
+
+
+def run(args, command: list[str]) -> int:
+    script = render(args, command)
     if args.script_out:
         with open(args.script_out, "w") as f:
             f.write(script)
