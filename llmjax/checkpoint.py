@@ -26,6 +26,14 @@ the saved config is compared with the current one: a change to a field that chan
 structure of the state (model.num_layers, optim.optimizer, ...) is refused, naming the field, with the
 checkpoints untouched.
 
+WORKDIR may be a gs://bucket/path (llmjax.storage; every path here is an etils.epath.Path). What differs there:
+Orbax writes <step>/ in place and marks it complete with commit_success.txt, so a step directory without it
+is an interrupted save: steps() does not list it and remove_tmp() removes it (logged), as it removes the
+`*.orbax-checkpoint-tmp-*` directories locally. The manifest is written as one object (all or nothing on
+GCS). "Moved aside" is a copy of every object, checked, then the deletion of the originals
+(storage.move_aside): a crash in between loses nothing. Errors of access (permission, credentials, network)
+are never taken for corruption. Exports are written in place with config.json last (see write_params).
+
 Preemption: SIGTERM or SIGINT sets a flag; the loop finishes the current step, saves and returns normally
 (exit code 0). With several processes SIGTERM goes through JAX's preemption sync service
 (multihost_utils.reached_preemption_sync_point) so all processes save the same step; SIGINT is turned into
@@ -49,11 +57,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from grain import checkpoint as grain_checkpoint
 from jax.experimental import multihost_utils
 
 from llmjax import sharding as shd
+from llmjax import storage
 from llmjax.data.shards import TOKENIZER_FILE
 from llmjax.models.config import ConfigError, ModelConfig
 from llmjax.models.transformer import build_model
@@ -303,23 +313,31 @@ def _quiet_unraisable(hook):
     return quiet
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (storage.path(path).open("rb") if storage.is_remote(path) else open(path, "rb")) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def file_hashes(step_dir: Path) -> dict[str, str]:
+def file_hashes(step_dir) -> dict[str, str]:
     """{path relative to step_dir: sha256} of every file under its state/, data/ and config/ items."""
+    if storage.is_remote(step_dir):
+        storage.refresh(step_dir)
+        base = os.fspath(step_dir).rstrip("/") + "/"
+        return {os.fspath(p)[len(base):]: _sha256(p) for item in ("state", "data", "config")
+                for p in storage.files_under(storage.path(step_dir) / item)}
+    step_dir = Path(step_dir)
     return {str(p.relative_to(step_dir)): _sha256(p) for item in ("state", "data", "config")
             for p in sorted((step_dir / item).rglob("*")) if p.is_file()}
 
 
-def verify(step_dir: Path) -> None:
+def verify(step_dir) -> None:
     """Raise CorruptCheckpoint when a file listed in step_dir's manifest is missing or differs (no manifest:
     nothing to compare with, accepted)."""
+    step_dir = storage.path(step_dir)
+    storage.refresh(step_dir)
     manifest = step_dir / MANIFEST
     if not manifest.is_file():
         return
@@ -335,12 +353,31 @@ def verify(step_dir: Path) -> None:
             raise CorruptCheckpoint(f"{rel} differs from its checksum in {MANIFEST}")
 
 
+# Error texts (of the error or any it was raised from) that show an environment problem, not a bad checkpoint:
+# local permissions, and on Cloud Storage TensorStore's status codes and gcsfs's HTTP 401/403 messages.
+_ENVIRONMENT_ERRORS = ("PERMISSION_DENIED", "Permission denied", "UNAUTHENTICATED", "UNAVAILABLE",
+                       "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "Forbidden", "Unauthorized", "Invalid Credentials",
+                       "Anonymous caller", "does not have storage.")
+# Modules of the network / credential layers under gs:// paths (gcsfs.retry.HttpError: a 401, 429 or 5xx answer;
+# aiohttp / requests: the connection; google.auth: credentials), whose errors are never corruption.
+_ENVIRONMENT_MODULES = ("gcsfs", "aiohttp", "requests", "urllib3", "google.auth", "google.api_core")
+
+
 def _is_corruption(e: Exception) -> bool:
     """Whether a restore error shows the checkpoint itself is bad (truncated/missing/garbled files), as opposed
-    to an environment problem (permissions, I/O errors), which must fail the run and move nothing aside."""
-    text = str(e)
-    if "PERMISSION_DENIED" in text or "Permission denied" in text:
-        return False
+    to an environment problem (permissions, I/O errors, a bucket that cannot be reached or refuses the
+    credentials), which must fail the run and move nothing aside."""
+    seen: BaseException | None = e
+    for _ in range(16):  # the error and the ones it was raised from (Orbax wraps TensorStore's)
+        if seen is None:
+            break
+        text = str(seen)
+        if any(m in text for m in _ENVIRONMENT_ERRORS):
+            return False
+        module = type(seen).__module__
+        if any(module == m or module.startswith(m + ".") for m in _ENVIRONMENT_MODULES):
+            return False
+        seen = seen.__cause__ or seen.__context__
     if isinstance(e, OSError):
         return isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError))
     return True
@@ -352,7 +389,8 @@ class Checkpoints:
     def __init__(self, workdir, *, keep: int = 3, async_save: bool = True):
         if keep < 0:
             raise ConfigError(f"train.keep_checkpoints={keep}: use 0 (keep all) or the number to keep")
-        self.workdir = Path(workdir)
+        self.workdir = storage.path(workdir)  # a local directory or gs://bucket/...
+        self.remote = storage.is_remote(self.workdir)
         self.directory = self.workdir / CHECKPOINTS
         self.keep = keep
         self.async_save = async_save
@@ -370,10 +408,15 @@ class Checkpoints:
             sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
 
     # Steps are listed from the directory itself (finalized step dirs are plain integers), so that looking
-    # before a restore never writes anything.
+    # before a restore never writes anything. On a bucket a step directory exists while Orbax writes it: only
+    # those with Orbax's commit file are complete.
     def steps(self) -> list[int]:
+        storage.refresh(self.directory)
         if not self.directory.is_dir():
             return []
+        if self.remote:
+            return sorted((int(p.name) for p in self.directory.iterdir()
+                           if p.name.isdigit() and storage.is_finalized(p)), reverse=True)
         return sorted((int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit()),
                       reverse=True)
 
@@ -386,7 +429,9 @@ class Checkpoints:
                 cleanup_tmp_directories=False)
             handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain_checkpoint.CheckpointHandler(),
                         "config": ocp.JsonCheckpointHandler()}
-            self._manager = ocp.CheckpointManager(self.directory.absolute(), options=options, item_handlers=handlers)
+            # (never .absolute() on a gs:// path: it turns it into a local one; storage.path made local ones absolute)
+            self._manager = ocp.CheckpointManager(self.directory if self.remote else self.directory.absolute(),
+                                                  options=options, item_handlers=handlers)
         return self._manager
 
     def read_config(self, step: int) -> dict:
@@ -394,28 +439,36 @@ class Checkpoints:
 
     def remove_tmp(self) -> None:
         """Remove the temporary directories of interrupted saves (process 0; only called by a run that saves,
-        never by export/load, which may look at a workdir whose training is still writing)."""
-        if jax.process_index() != 0 or not self.directory.is_dir():
+        never by export/load, which may look at a workdir whose training is still writing). On a bucket
+        Orbax writes <step>/ in place: an interrupted save is a step directory without its commit file."""
+        if jax.process_index() != 0:
+            return
+        storage.refresh(self.directory)
+        if not self.directory.is_dir():
             return
         for p in sorted(self.directory.iterdir()):
-            if TMP_MARK in p.name and p.is_dir():
+            if self.remote:
+                if (TMP_MARK in p.name or p.name.isdigit()) and p.is_dir() and not storage.is_finalized(p):
+                    p.rmtree()
+                    storage.refresh(p)
+                    log.info("removed %s, left by an interrupted save", p)
+            elif TMP_MARK in p.name and p.is_dir():
                 shutil.rmtree(p)
                 log.info("removed %s, left by an interrupted save", p)
 
     def _write_manifests(self, final: bool = False) -> None:
         """checksums.json for every step this run saved whose directory is finalized (process 0)."""
+        storage.refresh(self.directory)
         for step in sorted(self._pending):
             step_dir = self.directory / str(step)
-            if step_dir.is_dir():
+            if storage.is_finalized(step_dir):
                 if jax.process_index() == 0:
                     try:
                         hashes = file_hashes(step_dir)
                     except FileNotFoundError:  # deleted by keep-K meanwhile: nothing to record
                         hashes = None
-                    if hashes is not None:
-                        tmp = step_dir / (MANIFEST + ".tmp")
-                        tmp.write_text(json.dumps(hashes, indent=1))
-                        os.replace(tmp, step_dir / MANIFEST)
+                    if hashes is not None:  # locally a tmp file renamed into place; one object write on GCS
+                        storage.write_atomic(step_dir / MANIFEST, json.dumps(hashes, indent=1))
                 self._pending.discard(step)
         if final:
             self._pending.clear()  # deleted by keep-K before it was finalized
@@ -454,7 +507,8 @@ class Checkpoints:
 
     def _fail(self, e: BaseException, step: int | None = None) -> None:
         if step is None:
-            unfinished = [s for s in sorted(self._pending) if not (self.directory / str(s)).is_dir()]
+            storage.refresh(self.directory)
+            unfinished = [s for s in sorted(self._pending) if not storage.is_finalized(self.directory / str(s))]
             step = unfinished[0] if unfinished else max(self._pending, default=0)
         self._pending.clear()
         try:
@@ -524,11 +578,11 @@ class Checkpoints:
             return
         if jax.process_index() == 0:
             dest = self.workdir / CORRUPT
-            dest.mkdir(parents=True, exist_ok=True)
             for s in steps:
                 target = dest / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
-                os.replace(self.directory / str(s), target)
+                storage.move_aside(self.directory / str(s), target)  # a bucket: copy all, check, then delete
                 log.warning("moved the bad checkpoint %s to %s", self.directory / str(s), target)
+            storage.refresh(self.directory)
         shd.sync("llmjax_checkpoint_move_aside")
         self.manager.reload()
 
@@ -598,16 +652,27 @@ def export(workdir, out) -> int:
     """Write the parameters of WORKDIR's newest good checkpoint to OUT/params (an Orbax checkpoint of the
     nested dict nnx.State.to_pure_dict()) and OUT/config.json (the run config). Returns the step exported."""
     state, step, cfg_json = load_latest(workdir)
-    write_params(out, state.params.to_pure_dict(), cfg_json, exported_step=step)
-    tokenizer = Path(workdir) / TOKENIZER_FILE
-    if jax.process_index() == 0 and tokenizer.is_file():
-        shutil.copyfile(tokenizer, Path(out) / TOKENIZER_FILE)
+    tokenizer = storage.path(workdir) / TOKENIZER_FILE
+    write_params(out, state.params.to_pure_dict(), cfg_json, copy_files={TOKENIZER_FILE: tokenizer}
+                 if tokenizer.is_file() else None, exported_step=step)
     return step
 
 
-def write_params(out, params, cfg_json: dict, **extra) -> None:
-    """OUT/params + OUT/config.json (the export layout), written next to OUT and renamed into place, so
-    that OUT is always either the previous complete export or the new one. All processes call this."""
+def _copy_file(src, dst) -> None:
+    """Copy one file; either side may be on a bucket (epath's copy works only within one filesystem)."""
+    if storage.is_remote(src) or storage.is_remote(dst):
+        storage.path(dst).write_bytes(storage.path(src).read_bytes())  # one object write: all or nothing
+    else:
+        shutil.copyfile(src, dst)
+
+
+def write_params(out, params, cfg_json: dict, *, copy_files: dict | None = None, **extra) -> None:
+    """OUT/params + OUT/config.json (the export layout), plus `copy_files` ({name in OUT: source file}),
+    written next to OUT and renamed into place, so that OUT is always either the previous complete export
+    or the new one. All processes call this. On a bucket (no rename) see _write_params_remote."""
+    if storage.is_remote(out):
+        _write_params_remote(storage.path(out), params, cfg_json, copy_files or {}, extra)
+        return
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / EXPORT_CONFIG).exists())):
         raise FileExistsError(f"{out} exists and is not an llmjax export (no {EXPORT_CONFIG}); choose a new "
@@ -621,6 +686,8 @@ def write_params(out, params, cfg_json: dict, **extra) -> None:
     with ocp.StandardCheckpointer() as w:
         w.save(tmp / EXPORT_PARAMS, params, force=True)
     if jax.process_index() == 0:
+        for name, src in (copy_files or {}).items():
+            _copy_file(src, tmp / name)
         (tmp / EXPORT_CONFIG).write_text(json.dumps({**cfg_json, **extra}, indent=2) + "\n")
         if out.exists():
             os.replace(out, old)
@@ -630,9 +697,49 @@ def write_params(out, params, cfg_json: dict, **extra) -> None:
     shd.sync("llmjax_write_params_done")
 
 
+# An export on a bucket cannot be renamed into place (a "directory" rename is a copy + delete per object), so it
+# is written where it stays, and config.json, one object written last (atomic on GCS), is its completion
+# marker: loaders read config.json first, so an OUT without it is never taken for an export. OUT/.incomplete is
+# written before anything else and deleted after config.json: it tells an interrupted export of ours (cleaned
+# and written again) from a foreign directory (refused). Replacing a previous export removes its config.json
+# first, so while the new one is written OUT is incomplete (unlike the local rename: a crash then leaves no
+# export at OUT, to be written again, rather than the previous one).
+INCOMPLETE = ".incomplete"
+
+
+def _write_params_remote(out: epath.Path, params, cfg_json: dict, copy_files: dict, extra: dict) -> None:
+    storage.refresh(out)
+    marker, config = out / INCOMPLETE, out / EXPORT_CONFIG
+    if out.exists() and (not out.is_dir() or (not config.exists() and not marker.exists())):
+        raise FileExistsError(f"{out} exists and is not an llmjax export (no {EXPORT_CONFIG}); choose a new "
+                              "directory, the existing one is left as it is")
+    shd.sync("llmjax_write_params_checked")  # every process looked before process 0 changes anything
+    if jax.process_index() == 0:
+        marker.write_text(json.dumps({"writing": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        config.unlink(missing_ok=True)  # from here on OUT is not a complete export
+        storage.refresh(out)
+        for p in out.iterdir():  # the previous export's (or an interrupted one's) files
+            if p.name != INCOMPLETE and p.is_dir():
+                p.rmtree()
+            elif p.name != INCOMPLETE:
+                p.unlink()
+        storage.refresh(out)
+    shd.sync("llmjax_write_params_start")
+    with ocp.StandardCheckpointer() as w:
+        w.save(out / EXPORT_PARAMS, params, force=True)
+    if jax.process_index() == 0:
+        for name, src in copy_files.items():
+            _copy_file(src, out / name)
+        config.write_text(json.dumps({**cfg_json, **extra}, indent=2) + "\n")  # last: the export is complete
+        marker.unlink(missing_ok=True)
+        storage.refresh(out)
+    shd.sync("llmjax_write_params_done")
+
+
 def read_best(workdir) -> tuple[int, float] | None:
     """(step, validation loss) of WORKDIR/best, or None when there is none yet."""
-    path = Path(workdir) / BEST / EXPORT_CONFIG
+    path = storage.path(workdir) / BEST / EXPORT_CONFIG
+    storage.refresh(path)
     if not path.exists():
         return None
     cfg = json.loads(path.read_text())
@@ -641,13 +748,14 @@ def read_best(workdir) -> tuple[int, float] | None:
 
 def save_best(workdir, step: int, state, loss: float, cfg_json: dict) -> None:
     """Keep the parameters of `step` in WORKDIR/best (loadable with load_exported, like `llmjax export`)."""
-    write_params(Path(workdir) / BEST, state.params.to_pure_dict(), cfg_json, exported_step=int(step),
+    write_params(storage.path(workdir) / BEST, state.params.to_pure_dict(), cfg_json, exported_step=int(step),
                  validation_loss=float(loss))
 
 
 def load_exported(directory):
     """(model, config dict) from an export directory: the model built from config.json with the parameters."""
-    directory = Path(directory).absolute()
+    directory = storage.path(directory)
+    storage.refresh(directory)
     cfg = json.loads((directory / EXPORT_CONFIG).read_text())
     model_cfg = ModelConfig.from_dict(cfg["model"])
     # Shapes only: nothing is initialised that the restore overwrites.
@@ -666,7 +774,7 @@ def stored_array_bytes(directory) -> int:
     absl_log.setLevel(logging.ERROR)
     try:
         with ocp.StandardCheckpointer() as reader:
-            tree = reader.metadata(Path(directory).absolute()).item_metadata
+            tree = reader.metadata(storage.path(directory)).item_metadata
     finally:
         absl_log.setLevel(level)
     leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))

@@ -42,13 +42,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import checkpoint, loop
 from llmjax import sharding as shd
+from llmjax import storage
 from llmjax.config import base_config, load_config, objective_config_for
 from llmjax.data import pipeline
 from llmjax.data.pipeline import batch_spec
 from llmjax.data.prepare import default_data_config, prepare
 from llmjax.data.shards import TOKENIZER_FILE, TokenShards
 from llmjax.data.tokenizer import Tokenizer
-from llmjax.metrics import read_metrics
+from llmjax.metrics import read_metrics, save_figure
 from llmjax.models.config import ConfigError, ModelConfig
 from llmjax.models.flops import train_flops
 from llmjax.models.layers import Linear, count_params
@@ -155,7 +156,7 @@ def compare(grid, workdir, *, max_cells: int | None = None, progress: bool = Fal
     """Run every unfinished cell (at most `max_cells` of them), then write the outputs from all finished
     cells. Returns the results dict written to results.json."""
 
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)  # a local directory or a gs:// URL
     workdir.mkdir(parents=True, exist_ok=True)
     check_grid(grid)
     data_root = workdir / "data"
@@ -166,7 +167,7 @@ def compare(grid, workdir, *, max_cells: int | None = None, progress: bool = Fal
             raise ConfigError(f"grid cell {cell['name']!r}: {e}") from None
     first = cell_config(grid, grid.cells[0], data_root)
     manifest = prepare(first.data, workdir, progress=progress)
-    data_dir = Path(manifest["dir"])
+    data_dir = storage.path(manifest["dir"])
     tokenizer = Tokenizer.load(data_dir / TOKENIZER_FILE)
     ran = 0
     for cell in grid.cells:
@@ -194,7 +195,7 @@ def compare(grid, workdir, *, max_cells: int | None = None, progress: bool = Fal
 
 
 def collect(grid, workdir) -> dict:
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     rows = []
     for cell in grid.cells:
         out = workdir / CELLS / cell["name"]
@@ -570,11 +571,9 @@ def probe_accuracy(model_cfg: ModelConfig, state, cfg, data_dir: Path, tokenizer
 
 
 # ------------------------------------------------------------------------------------------- outputs
-def _write_json(path: Path, obj) -> None:
+def _write_json(path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    storage.write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 COLUMNS = ("cell", "family", "objective", "params", "steps", "train FLOPs", "own val loss",
@@ -604,7 +603,7 @@ def write_outputs(results: dict, workdir) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after choosing the Agg backend
 
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     _write_json(workdir / "results.json", results)
     ys = results["yardsticks"]
     done = [r for r in results["cells"] if r["status"] == "done"]
@@ -630,7 +629,7 @@ def write_outputs(results: dict, workdir) -> None:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(workdir / "loss_vs_flops.png", dpi=110)
+    save_figure(fig, workdir / "loss_vs_flops.png", dpi=110)
     plt.close(fig)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
     names = [r["name"] for r in done]
@@ -644,5 +643,5 @@ def write_outputs(results: dict, workdir) -> None:
         ax.set_xticks(range(len(done)), names, rotation=35, ha="right", fontsize=7)
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(workdir / "yardsticks.png", dpi=110)
+    save_figure(fig, workdir / "yardsticks.png", dpi=110)
     plt.close(fig)

@@ -11,7 +11,7 @@ import pathlib
 
 import ml_collections
 
-from llmjax import sharding
+from llmjax import sharding, storage
 from llmjax.data.prepare import default_data_config
 from llmjax.loop import default_train_config
 from llmjax.models.config import ConfigError, ModelConfig, model_config_dict
@@ -133,7 +133,11 @@ def check_train_config(cfg) -> None:
 
 def check_workdir(path, flag: str = "--workdir") -> None:
     """A user's run directory, before anything is written: it may not exist yet (then its nearest existing
-    parent must be a writable directory); if it exists it must be a writable directory."""
+    parent must be a writable directory); if it exists it must be a writable directory. A gs:// URL: its
+    bucket must exist and answer with the current credentials."""
+    if storage.is_remote(path):
+        storage.check_reachable(path, flag)
+        return
     path = pathlib.Path(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{flag}: {str(path)!r} exists and is not a directory; pass a directory path")

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +24,7 @@ from flax import nnx
 from llmjax import checkpoint as ckpt_lib
 from llmjax import loop
 from llmjax import sharding as shd
+from llmjax import storage
 from llmjax.config import check_train_config
 from llmjax.data import tasks as task_data
 from llmjax.data.shards import TOKENIZER_FILE
@@ -75,7 +74,7 @@ def _check_config(cfg) -> None:
     for field in ("train_file", "validation_file"):
         if not cfg[field]:
             raise ConfigError(f"{field} is empty: set --config.{field}=PATH.jsonl")
-        if not Path(cfg[field]).is_file():
+        if not storage.path(cfg[field]).is_file():
             raise ConfigError(f"{field}: {cfg[field]} does not exist")
     if cfg.max_length < 3:
         raise ConfigError(f"max_length must be at least 3, got {cfg.max_length}")
@@ -146,12 +145,12 @@ def finetune(cfg, init_from, workdir, *, progress: bool = True) -> dict:
     (also in WORKDIR/finetune_results.json)."""
     t0 = time.time()
     _check_config(cfg)
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)  # a local directory or a gs:// URL
     with lock_workdir(workdir):  # one run per workdir: a second one is refused here, before it writes anything
         return _finetune(cfg, init_from, workdir, t0, progress=progress)
 
 
-def _finetune(cfg, init_from, workdir: Path, t0: float, *, progress: bool) -> dict:
+def _finetune(cfg, init_from, workdir, t0: float, *, progress: bool) -> dict:
     task = cfg.task
     tc = cfg.train
 
@@ -161,7 +160,7 @@ def _finetune(cfg, init_from, workdir: Path, t0: float, *, progress: bool) -> di
     if family != task_data.TASK_FAMILY[task]:
         raise ConfigError(f"task={task!r} needs a {task_data.TASK_FAMILY[task]} model, but --init-from {init_from} "
                           f"is a {family} model (model.family={family!r})")
-    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else tok_path
+    tok_path = storage.path(cfg.tokenizer) if cfg.tokenizer else tok_path
     if tok_path is None or not tok_path.is_file():
         raise ConfigError(f"cannot find the tokenizer of {init_from}; pass --config.tokenizer=PATH/tokenizer.model")
     tokenizer = Tokenizer.load(tok_path)
@@ -214,7 +213,7 @@ def _finetune(cfg, init_from, workdir: Path, t0: float, *, progress: bool) -> di
     shd.validate_layout(model_cfg, mesh, tc.batch_size, tc.micro_batches)
     tx = make_optimizer(cfg.optim, tc.steps, trainable)
     run_cfg = _run_config(cfg, model_cfg, pre_cfg)
-    info = {"task": task, "labels": labels, "init_from": str(Path(init_from).absolute()), "pretrained": described,
+    info = {"task": task, "labels": labels, "init_from": str(storage.path(init_from)), "pretrained": described,
             "saved": "trainable" if lora else "all", "trainable": sorted(trainable) if lora else "all",
             "train_file": str(cfg.train_file), "validation_file": str(cfg.validation_file)}
     is_writer = jax.process_index() == 0
@@ -229,8 +228,8 @@ def _finetune(cfg, init_from, workdir: Path, t0: float, *, progress: bool) -> di
         (workdir / "config.json").write_text(json.dumps(run_cfg, indent=2) + "\n")
         (workdir / FINETUNE_INFO).write_text(json.dumps(info, indent=2) + "\n")
         (workdir / "command.txt").write_text(" ".join(sys.argv) + "\n")
-        if tok_path.absolute() != (workdir / TOKENIZER_FILE).absolute():
-            shutil.copyfile(tok_path, workdir / TOKENIZER_FILE)
+        if storage.path(tok_path) != workdir / TOKENIZER_FILE:
+            storage.path(tok_path).copy(workdir / TOKENIZER_FILE, overwrite=True)
 
     # 5. steps
     weight_key = task_data.example_weight_key(task)

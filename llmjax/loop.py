@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from llmjax import checkpoint as ckpt_lib
 from llmjax import metrics as mt
+from llmjax import storage
 from llmjax import profiling
 from llmjax.models.config import ConfigError, ModelConfig
 from llmjax.params import flat_values, flatten, set_params, unflatten
@@ -221,6 +222,8 @@ def fit(step_fn, start: Start, batches: Iterator[dict], tc, mesh, *, first_batch
                     # The iterator has produced exactly `step` batches here: its state resumes at batch step+1.
                     checkpoints.save(step, saved, data_state(step), cfg_json)
                     last_saved = checkpoints.directory / str(step)
+                    if writer is not None:
+                        writer.flush()  # on a bucket, the rows up to the checkpoint are written with it
                 if stop:
                     preempted = preemption.signal or "SIGTERM"
                     break
@@ -297,10 +300,10 @@ def describe(m: dict) -> str:
 def drop_metrics_after(workdir, step: int) -> None:
     """Resuming from `step` runs the later steps again: drop their rows of the interrupted run from
     metrics.jsonl, so that each step appears once. A torn line (the run was killed mid-write) is dropped."""
-    path = Path(workdir) / "metrics.jsonl"
+    path = storage.path(workdir) / "metrics.jsonl"
     if not path.exists():
         return
-    keep = [row for row in mt.parse_rows(path.read_text(errors="replace"), path) if row["step"] <= step]
+    keep = [row for row in mt.parse_rows(path.read_bytes().decode(errors="replace"), path) if row["step"] <= step]
     path.write_text("".join(json.dumps(row) + "\n" for row in keep))  # torn lines dropped (with a warning)
 
 

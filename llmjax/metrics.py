@@ -3,6 +3,7 @@ event files, and loss.png; plus the peak FLOP/s used for MFU."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -13,6 +14,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from llmjax import storage
 
 # Dense peak FLOP/s per chip (bf16) of common accelerators, by jax device_kind prefix.
 KNOWN_PEAKS = {
@@ -48,13 +51,27 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
 
 
 class MetricsWriter:
-    """Appends metrics to metrics.jsonl and TensorBoard; only the writing process (process 0) writes."""
+    """Appends metrics to metrics.jsonl and TensorBoard; only the writing process (process 0) writes.
 
-    def __init__(self, workdir: Path, enabled: bool = True):
-        self.path = Path(workdir) / "metrics.jsonl"
+    On a bucket (gs://) an object cannot be appended to: the rows are kept here and the whole file is rewritten
+    at flush(), which the loop calls after every checkpoint save (and close() at the end), and at most every
+    FLUSH_SECONDS otherwise. Rows after the newest checkpoint may be lost with the process, as their steps are:
+    a resume runs them again (and drops any such rows first)."""
+
+    FLUSH_SECONDS = 60.0
+
+    def __init__(self, workdir, enabled: bool = True):
+        self.path = storage.path(workdir) / "metrics.jsonl"
+        self.remote = storage.is_remote(workdir)
         self.enabled = enabled
         self.tb = None
-        if enabled and self.path.exists() and self.path.stat().st_size:
+        self._rows: list[str] = []
+        self._dirty = False
+        self._flushed = time.monotonic()
+        if enabled and self.remote:
+            text = self.path.read_text() if self.path.exists() else ""
+            self._rows = [json.dumps(row) + "\n" for row in parse_rows(text, self.path)]
+        elif enabled and self.path.exists() and os.path.getsize(self.path):
             with open(self.path, "rb+") as f:  # a torn last line (killed mid-write) must not swallow the next row
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
@@ -62,15 +79,20 @@ class MetricsWriter:
         if enabled:
             from tensorboardX import SummaryWriter  # heavy: only the process that writes imports it
 
-            self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self.tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"))  # gs:// too (tensorboardX)
 
     def write(self, step: int, metrics: dict, prefix: str = "train"):
         if not self.enabled:
             return
         row = {"step": int(step), **{f"{prefix}/{k}": _py(v) for k, v in metrics.items()}}
-        # One whole line per write call, flushed: a kill or a full disk can only tear the last line.
-        with open(self.path, "ab", buffering=0) as f:
-            f.write((json.dumps(row) + "\n").encode())
+        if self.remote:
+            self._rows.append(json.dumps(row) + "\n")
+            self._dirty = True
+            if time.monotonic() - self._flushed > self.FLUSH_SECONDS:
+                self.flush()
+        else:  # one whole line per write call, flushed: a kill or a full disk can only tear the last line
+            with open(self.path, "ab", buffering=0) as f:
+                f.write((json.dumps(row) + "\n").encode())
         for k, v in metrics.items():
             if isinstance(_py(v), (int, float)):
                 self.tb.add_scalar(f"{prefix}/{k}", _py(v), int(step))
@@ -79,7 +101,17 @@ class MetricsWriter:
         if self.enabled:
             self.tb.add_text(tag, text, int(step))
 
+    def flush(self):
+        """On a bucket: rewrite metrics.jsonl with every row so far (one object write, whole or not at all)."""
+        if self.enabled and self.remote and self._dirty:
+            self.path.write_text("".join(self._rows))
+            self._dirty = False
+        self._flushed = time.monotonic()
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self):
+        self.flush()
         if self.tb is not None:
             self.tb.close()
 
@@ -113,8 +145,8 @@ def parse_rows(text: str, source="metrics.jsonl") -> list[dict]:
 
 
 def read_metrics(workdir) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
-    return parse_rows(path.read_text(errors="replace"), path) if path.exists() else []
+    path = storage.path(workdir) / "metrics.jsonl"
+    return parse_rows(path.read_bytes().decode(errors="replace"), path) if path.exists() else []
 
 
 def evaluations(rows: list[dict], prefix: str = "eval") -> list[tuple[int, dict]]:
@@ -145,11 +177,18 @@ def plot_losses(workdir) -> Path:
         ax.plot(*zip(*val), "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per predicted token)")
-    ax.set_title(Path(workdir).name)
+    ax.set_title(storage.path(workdir).name)
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(workdir) / "loss.png"
+    out = storage.path(workdir) / "loss.png"
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)
     plt.close(fig)
     return out
+
+
+def save_figure(fig, path, dpi: int = 100) -> None:
+    """A matplotlib figure as PNG at `path` (local or gs://), written whole."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi)
+    storage.write_atomic(path, png.getvalue())

@@ -17,6 +17,7 @@ import orbax.checkpoint as ckpt_io
 from flax import nnx
 
 from llmjax import checkpoint as ckpt
+from llmjax import storage
 from llmjax.data import prepare as prep
 from llmjax.data.prepare import data_dir_of
 from llmjax.data.shards import MANIFEST, TOKENIZER_FILE
@@ -35,7 +36,7 @@ class RunError(Exception):
 def read_params_checkpoint(directory: Path) -> dict[str, np.ndarray]:
     """{path: array} of the `params` of an Orbax state checkpoint, read without a target (any structure)."""
     with ckpt_io.StandardCheckpointer() as r:
-        tree = r.restore(Path(directory).absolute())
+        tree = r.restore(storage.path(directory))  # absolute (Orbax needs it), or a URL
     tree = tree.get("params", tree)
     flat = flatten(tree)
     return {k.removesuffix("/value"): np.asarray(v) for k, v in flat.items()}
@@ -51,7 +52,7 @@ def _newest_state_dir(workdir: Path) -> tuple[Path, int]:
 def load_pretrained(source) -> tuple[dict[str, np.ndarray], dict, Path | None, str]:
     """({path: array} parameters, run config, tokenizer file or None, description) of a pretrained
     source: an export directory (config.json + params/), a fine-tuning workdir, or a training workdir."""
-    src = Path(source)
+    src = storage.path(source)
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
     if (src / ckpt.EXPORT_CONFIG).is_file() and (src / ckpt.EXPORT_PARAMS).is_dir():
@@ -77,16 +78,16 @@ def load_pretrained(source) -> tuple[dict[str, np.ndarray], dict, Path | None, s
 def find_tokenizer(directory, cfg: dict) -> Path | None:
     """The tokenizer of a run: DIR/tokenizer.model (exports and fine-tuning runs), data.tokenizer_model, or the
     prepared data of a training workdir (the manifest whose fingerprint matches the run's data config)."""
-    directory = Path(directory)
+    directory = storage.path(directory)
     if (directory / TOKENIZER_FILE).is_file():
         return directory / TOKENIZER_FILE
     data = cfg.get("data") or {}
-    if data.get("tokenizer_model") and Path(data["tokenizer_model"]).is_file():
-        return Path(data["tokenizer_model"])
+    if data.get("tokenizer_model") and storage.path(data["tokenizer_model"]).is_file():
+        return storage.path(data["tokenizer_model"])
     try:
         base = data_dir_of(ml_collections.ConfigDict(data), directory)
         found = sorted((d for d in base.iterdir() if (d / MANIFEST).is_file() and (d / TOKENIZER_FILE).is_file()),
-                       key=lambda d: (d / MANIFEST).stat().st_mtime, reverse=True) if base.is_dir() else []
+                       key=lambda d: storage.path(d / MANIFEST).stat().mtime, reverse=True) if base.is_dir() else []
         want = _data_fingerprint(data)
         for d in found:
             if want and json.loads((d / MANIFEST).read_text()).get("fingerprint") == want:
@@ -118,7 +119,7 @@ def load_finetuned(workdir, base=None):
     """(model, config) of a fine-tuning workdir: the model of its config.json with the base parameters
     (`base`, default the run's --init-from) and the newest checkpoint's parameters (all of them, or the LoRA
     adapters and task head) on top."""
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)
     cfg = json.loads((workdir / "config.json").read_text())
     info = json.loads((workdir / FINETUNE_INFO).read_text())
     model_cfg = ModelConfig.from_dict(cfg["model"])
@@ -153,7 +154,7 @@ def load_for_inference(directory, tokenizer_path=None):
     def fail(msg):
         raise RunError(msg)
 
-    d = Path(directory)
+    d = storage.path(directory)
     if not d.is_dir():
         fail(f"--workdir {d} does not exist (or is not a directory)")
     try:
@@ -176,7 +177,7 @@ def load_for_inference(directory, tokenizer_path=None):
         fail(f"--workdir {d}: {e}")
     except (ValueError, KeyError, json.JSONDecodeError) as e:
         fail(f"--workdir {d}: cannot load the model: {type(e).__name__}: {e}")
-    tok = Path(tokenizer_path) if tokenizer_path else find_tokenizer(d, cfg)
+    tok = storage.path(tokenizer_path) if tokenizer_path else find_tokenizer(d, cfg)
     if tok is None:
         fail(f"cannot find the tokenizer of {d} (no {d}/tokenizer.model and no prepared data of its config); "
              "pass --tokenizer PATH/tokenizer.model")

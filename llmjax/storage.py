@@ -9,6 +9,8 @@
     move_aside(src, dst)    rename on a local disk; copy every object, then delete the source, on a bucket
     local_copy(p, cache)    a local read-through copy of a gs:// file or directory (prepared shards, to memory-map)
     is_finalized(step_dir)  whether an Orbax step directory is complete (local: atomic rename; GCS: commit file)
+    refresh(p)              drop gcsfs's cached listings before looking at a gs:// tree others may have changed
+    files_under(root)       every file under a directory, recursively (rglob locally, walk() on a bucket)
     BucketLock              the workdir lock of a gs:// workdir (create-if-absent with a heartbeat)
 
 What differs on a bucket (gcsfs 2026.10, checked against fake-gcs-server): directories are implicit (a prefix
@@ -25,6 +27,7 @@ Importing this module imports no cloud library: gcsfs and google-cloud-storage a
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -60,6 +63,46 @@ def path(p) -> epath.Path:
     return epath.Path(os.path.abspath(s))
 
 
+def write_atomic(p, data: bytes | str) -> None:
+    """Write a whole file so that readers see the old content or the new, never a part: on a local disk through
+    a temporary file renamed into place; on a bucket one object write is already all-or-nothing."""
+    target = path(p)
+    raw = data.encode() if isinstance(data, str) else data
+    if is_remote(target):
+        target.write_bytes(raw)
+        return
+    tmp = target.parent / (target.name + ".tmp")
+    tmp.write_bytes(raw)
+    os.replace(tmp, target)
+
+
+def refresh(p) -> None:
+    """Forget the directory listings gcsfs has cached (it caches every listing it made, and objects written by
+    others, e.g. TensorStore under Orbax, do not update them): call before looking at a gs:// tree that may
+    have changed. Local paths: nothing to do."""
+    if not is_remote(p):
+        return
+    from etils.epath import backend  # the gcsfs instance epath uses for gs:// (created on first use)
+
+    backend.fsspec_backend.fs(os.fspath(p)).invalidate_cache()
+    _gcsfs().invalidate_cache()
+
+
+def files_under(root) -> list[epath.Path]:
+    """Every file under the directory `root`, recursively, sorted (none when it does not exist). On a bucket
+    through walk() (no rglob there), its tops joined onto `root` (walk drops the "gs://")."""
+    root = path(root) if is_remote(root) else epath.Path(root)
+    if not is_remote(root):
+        return sorted(p for p in root.rglob("*") if p.is_file())
+    base = os.fspath(root)[len(GS):].rstrip("/")
+    out = []
+    for top, _, names in root.walk():
+        rel = os.path.relpath(os.fspath(top), base)
+        where = root if rel == "." else root / rel
+        out += [where / n for n in names]
+    return sorted(out)
+
+
 def _split(p) -> tuple[str, str]:
     """(bucket, key) of a gs:// URL."""
     bucket, _, key = os.fspath(p)[len(GS):].partition("/")
@@ -78,7 +121,7 @@ def _gcs_client():
 
 
 def _gcsfs():
-    import fsspec  # gcsfs (aiohttp) loads only when a bucket is used; the cached instance that epath uses
+    import fsspec  # gcsfs (aiohttp) loads only when a bucket is used (epath caches an instance of its own)
 
     return fsspec.filesystem("gs")
 
@@ -185,13 +228,27 @@ def local_copy(p, cache_dir) -> Path:
     cache = Path(cache_dir) / hashlib.sha256(url.encode()).hexdigest()[:16]
     target = cache / (Path(root).name or "root")
     stamp = cache / ".source.json"
-    if stamp.is_file() and target.exists():
+
+    def current() -> bool:
         try:
-            if json.loads(stamp.read_text()) == source:
-                return target
+            return stamp.is_file() and target.exists() and json.loads(stamp.read_text()) == source
         except ValueError:
-            pass
+            return False
+
+    if current():
+        return target
     cache.mkdir(parents=True, exist_ok=True)
+    # One copier per cache entry on this host (the processes of a multi-process run share the machine's cache):
+    # the others wait, then find the copy made.
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if current():
+            return target
+        _copy_into(fs, root, source, cache, target, stamp)
+    return target
+
+
+def _copy_into(fs, root: str, source: dict, cache: Path, target: Path, stamp: Path) -> None:
     tmp = cache / f".partial-{os.getpid()}-{time.time_ns()}"
     try:
         for rel in source["objects"]:
@@ -210,7 +267,20 @@ def local_copy(p, cache_dir) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
-    return target
+
+
+def _dead_here(holder: dict) -> bool:
+    """Whether the lock's holder was a process of this host that no longer runs (a killed run resumed on the
+    same machine need not wait for the heartbeat to go stale)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class BucketLock:
@@ -270,7 +340,7 @@ class BucketLock:
             try:
                 if holder is None:
                     self._generation = self._write(0)
-                elif age > self.ttl:
+                elif age > self.ttl or _dead_here(holder):
                     self._generation = self._write(int(blob.generation))
                 else:
                     raise ConfigError(self._busy(holder, age))

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +17,7 @@ from llmjax import checkpoint as ckpt_lib
 from llmjax import loop
 from llmjax import metrics as mt
 from llmjax import sharding as shd
+from llmjax import storage
 from llmjax.data import pipeline
 from llmjax.data.prepare import prepare
 from llmjax.data.shards import TOKENIZER_FILE
@@ -58,7 +57,7 @@ def check_run_config(cfg, model_cfg: ModelConfig):
 def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
     """The main job: prepare data, build the sharded state, train for train.steps, evaluate, log, plot.
     Returns the last train and eval metrics."""
-    workdir = Path(workdir)
+    workdir = storage.path(workdir)  # a local directory or a gs:// URL
     model_cfg = ModelConfig.from_dict(cfg.model)
     check_run_config(cfg, model_cfg)
     # The mesh against the devices and the batch against the mesh, before the lock and the data preparation.
@@ -68,7 +67,7 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
         return _train_and_evaluate(cfg, workdir, model_cfg, mesh, progress=progress)
 
 
-def _train_and_evaluate(cfg, workdir: Path, model_cfg: ModelConfig, mesh, *, progress: bool) -> dict:
+def _train_and_evaluate(cfg, workdir, model_cfg: ModelConfig, mesh, *, progress: bool) -> dict:
     is_writer = jax.process_index() == 0
     tc = cfg.train
     cfg_json = json.loads(cfg.to_json_best_effort())
@@ -86,10 +85,10 @@ def _train_and_evaluate(cfg, workdir: Path, model_cfg: ModelConfig, mesh, *, pro
     manifest = prepare(cfg.data, workdir, progress=progress and is_writer)
     if is_writer:
         shd.sync("llmjax_prepare")
-    data_dir = Path(manifest["dir"])
+    data_dir = storage.path(manifest["dir"])
     tokenizer = Tokenizer.load(data_dir / TOKENIZER_FILE)
     if is_writer and not (workdir / TOKENIZER_FILE).exists():  # the run's tokenizer travels with it (export)
-        shutil.copyfile(data_dir / TOKENIZER_FILE, workdir / TOKENIZER_FILE)
+        (data_dir / TOKENIZER_FILE).copy(workdir / TOKENIZER_FILE)
 
     rules = shd.rules_dict(cfg.sharding.rules)
     tx = make_optimizer(cfg.optim, tc.steps)
@@ -170,7 +169,7 @@ def _train_and_evaluate(cfg, workdir: Path, model_cfg: ModelConfig, mesh, *, pro
     return summary
 
 
-def finished_summary(checkpoints, cfg_json: dict, workdir: Path, steps: int) -> dict | None:
+def finished_summary(checkpoints, cfg_json: dict, workdir, steps: int) -> dict | None:
     """For a workdir whose newest checkpoint is at or past `steps` (its run ended), the run's summary read from
     metrics.jsonl, printed; None otherwise. Nothing is prepared, compiled, measured or written. A config whose
     model or optimizer differs from the checkpoint's is refused as on a resume (ConfigError)."""

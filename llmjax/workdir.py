@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from llmjax import storage
 from llmjax.models.config import ConfigError
 
 LOCK_FILE = ".lock"
@@ -96,7 +97,10 @@ def lock_workdir(workdir, *, enabled: bool | None = None):
     (rather than the others waiting for process 0 at their next collective)."""
     if enabled is None:
         enabled = jax.process_index() == 0
-    lock = WorkdirLock(workdir) if enabled else _NoLock()
+    if not enabled:
+        lock = _NoLock()
+    else:
+        lock = storage.BucketLock(workdir) if storage.is_remote(workdir) else WorkdirLock(workdir)
     refused = None
     try:
         lock.acquire()

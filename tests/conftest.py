@@ -19,6 +19,7 @@ os.environ.setdefault("LLMJAX_KEEP_HOST_MEMORY", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from helpers.gcs import gcs_server  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -95,3 +96,16 @@ def small_corpus_dir(tmp_path_factory, worker_id):
     config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "gpt_tiny.py")
     return prepared_data_dir(tmp_path_factory, worker_id, config, SMALL_CORPUS)
 
+
+@pytest.fixture
+def gcs():
+    """A fresh fake-gcs-server per test (starts in ~0.1 s), with bucket gs://bkt."""
+    with gcs_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gcs_module():
+    """One fake-gcs-server shared by the tests of a module (each should use its own prefix)."""
+    with gcs_server() as server:
+        yield server

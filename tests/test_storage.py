@@ -2,7 +2,6 @@
 server (fake-gcs-server, started by each test on a free port; tests/helpers/gcs.py)."""
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -12,20 +11,11 @@ import time
 import numpy as np
 import pytest
 from etils import epath
-from helpers.gcs import gcs, gcs_server  # noqa: F401,F811  (gcs is a fixture)
+from helpers.gcs import gcs_server
 
 from llmjax import storage
 from llmjax.models.config import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def _quiet_gcsfs():
-    # gcsfs logs a traceback when the emulator refuses the objects.move API (rename falls back to copy + delete)
-    logger = logging.getLogger("gcsfs")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    yield
-    logger.setLevel(level)
 
 
 def test_path_and_is_remote(tmp_path):

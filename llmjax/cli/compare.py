@@ -4,9 +4,9 @@ same FLOP budget and compare them on the same held-out yardsticks (llmjax.compar
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
+from llmjax import storage
 from llmjax.cli.flags import setup_logging
+from llmjax.config import check_workdir
 from llmjax.compare import CELLS, __doc__ as compare_doc, compare, load_grid, results_table
 
 EXAMPLE = "llmjax compare --grid configs/compare/objectives.py --workdir runs/compare"
@@ -22,14 +22,15 @@ def main(args: list[str]) -> int:
     ns = parser.parse_args(args)
     setup_logging()
     grid = load_grid(ns.grid)  # a ConfigError becomes one line in llmjax.cli.main
+    check_workdir(ns.workdir)  # a file, an unwritable directory or an unreachable gs:// URL: one line, now
     if ns.budget_flops is not None:
         grid.budget_flops = ns.budget_flops
     results = compare(grid, ns.workdir, max_cells=ns.max_cells)
     print(results_table(results))
-    print(f"wrote {Path(ns.workdir) / 'RESULTS.md'}, results.json, loss_vs_flops.png, yardsticks.png")
+    print(f"wrote {storage.path(ns.workdir) / 'RESULTS.md'}, results.json, loss_vs_flops.png, yardsticks.png")
     failed = [r["name"] for r in results["cells"] if r["status"] == "failed"]
     if failed:
-        print(f"failed cells: {', '.join(failed)} (see {Path(ns.workdir) / CELLS}/<name>/error.txt); run again to "
-              "retry them", flush=True)
+        print(f"failed cells: {', '.join(failed)} (see {storage.path(ns.workdir) / CELLS}/<name>/error.txt); "
+              "run again to retry them", flush=True)
         return 1
     return 0

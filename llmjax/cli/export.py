@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from llmjax import storage
 from llmjax.cli.flags import setup_logging
 from llmjax.checkpoint import export
 
@@ -18,6 +19,8 @@ def main(args: list[str]) -> int:
     parser.add_argument("--out", required=True, help="export directory to write")
     ns = parser.parse_args(args)
     setup_logging()
+    for flag in ("workdir", "out"):  # a gs:// URL that cannot be reached: one line, before any work
+        storage.check_reachable(getattr(ns, flag), f"--{flag}")
     try:
         step = export(ns.workdir, ns.out)
     except (FileNotFoundError, FileExistsError) as e:

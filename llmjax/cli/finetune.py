@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from llmjax import storage
 from llmjax.cli.flags import parse_config_flags, setup_logging
 from llmjax.config import check_workdir
 from llmjax.finetune import finetune
@@ -29,6 +30,7 @@ def main(args: list[str]) -> int:
     if not fv.workdir:
         raise SystemExit("llmjax finetune: --workdir is required (the fine-tuned run is written there)")
     check_workdir(fv.workdir)  # a file or an unwritable directory is refused before anything is written
+    storage.check_reachable(fv.init_from, "--init-from")  # a gs:// URL that cannot be reached: one line
     try:
         finetune(fv.config, fv.init_from, fv.workdir)  # other user errors become one line in llmjax.cli.main
     except FileNotFoundError as e:

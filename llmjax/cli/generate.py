@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from llmjax import storage
 from llmjax.generate import METHODS, generate
 from llmjax.runs import RunError, load_for_inference
 
@@ -13,6 +14,9 @@ EXAMPLE = "llmjax generate --workdir runs/gpt_tiny --prompt 'The ' --method samp
 
 def load(workdir, tokenizer, command: str):
     """load_for_inference, its errors as the command's one-line message."""
+    storage.check_reachable(workdir, "--workdir")  # a gs:// URL that cannot be reached: one line, at once
+    if tokenizer:
+        storage.check_reachable(tokenizer, "--tokenizer")
     try:
         return load_for_inference(workdir, tokenizer)
     except RunError as e:

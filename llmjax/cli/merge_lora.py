@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-from pathlib import Path
 
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from llmjax import checkpoint as ckpt
+from llmjax import storage
 from llmjax.cli.flags import setup_logging
 from llmjax.data.shards import TOKENIZER_FILE
 from llmjax.runs import FINETUNE_INFO, RunError, load_finetuned, merge_lora_model, model_dict
@@ -27,10 +25,12 @@ def main(args: list[str]) -> int:
     p.add_argument("--out", required=True, help="export directory to write (config.json + params/)")
     ns = p.parse_args(args)
     setup_logging()
-    adapters = Path(ns.adapters)
+    for flag in ("base", "adapters", "out"):  # a gs:// URL that cannot be reached: one line, before any work
+        storage.check_reachable(getattr(ns, flag), f"--{flag}")
+    adapters = storage.path(ns.adapters)  # local paths or gs:// URLs, like every path flag
     if not (adapters / FINETUNE_INFO).is_file():
         raise SystemExit(f"llmjax merge-lora: --adapters {adapters} is not a fine-tuning workdir (no {FINETUNE_INFO})")
-    if not Path(ns.base).exists():
+    if not storage.path(ns.base).exists():
         raise SystemExit(f"llmjax merge-lora: --base {ns.base} does not exist")
     cfg = json.loads((adapters / "config.json").read_text())
     if not cfg["model"].get("lora_rank"):
@@ -41,16 +41,13 @@ def main(args: list[str]) -> int:
     except (FileNotFoundError, RunError) as e:
         raise SystemExit(f"llmjax merge-lora: {e}") from None
     merged = merge_lora_model(model)
-    out = Path(ns.out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as w:
-        w.save(out / ckpt.EXPORT_PARAMS, nnx.state(merged, nnx.Param).to_pure_dict(), force=True)
+    out = storage.path(ns.out)
     merged_cfg = {**cfg, "model": model_dict(merged.cfg), "merged_from": {"base": str(ns.base),
                                                                             "adapters": str(adapters)}}
-    (out / ckpt.EXPORT_CONFIG).write_text(json.dumps(merged_cfg, indent=2) + "\n")
-    for name in (TOKENIZER_FILE, FINETUNE_INFO):
-        if (adapters / name).is_file():
-            shutil.copyfile(adapters / name, out / name)
+    # The export layout, written as `llmjax export` writes it (never a half-written directory that looks whole).
+    ckpt.write_params(out, nnx.state(merged, nnx.Param).to_pure_dict(), merged_cfg,
+                      copy_files={name: adapters / name for name in (TOKENIZER_FILE, FINETUNE_INFO)
+                                  if (adapters / name).is_file()})
     print(f"merged the rank-{model.cfg.lora_rank} adapters of {adapters} (step {cfg.get('finetuned_step')}) into "
           f"{ns.base}: wrote {out}")
     return 0

@@ -5,6 +5,12 @@ mtimes, tokenizer file hash, library versions): `<data_dir>/<fingerprint[:16]>/`
 same inputs finds it and does nothing; changed inputs are reported and prepared into a fresh directory next
 to the old one, so runs that use the old data keep working and a shared cache directory is safe. Output is
 written into a temporary directory and renamed into place at the end: on any error nothing is left behind.
+
+Any path may be a bucket URL (gs://BUCKET/...): sources are read through gcsfs, a tokenizer_model is read
+from its object, and with data_dir on a bucket the output is built in a local staging directory (in
+`shards.cache_dir()`) and uploaded into `<data_dir>/<fingerprint[:16]>/`, manifest.json last: a directory on
+the bucket counts as prepared only once its manifest exists, so an interrupted upload is never used (and the
+next prepare uploads it again). Every gs:// path is checked for reachability before any work.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 import sentencepiece
 import tqdm
 
+from llmjax import storage
 from llmjax.data import corpus, sources
 from llmjax.data.shards import (
     FORMAT_VERSION,
@@ -33,6 +40,7 @@ from llmjax.data.shards import (
     TOKENIZER_FILE,
     ShardError,
     ShardWriter,
+    cache_dir,
     load_manifest,
     token_dtype,
 )
@@ -204,12 +212,31 @@ def split_of(text: str, validation_fraction: float, seed: int) -> str:
 # prepare
 
 
-def data_dir_of(cfg, workdir: str | os.PathLike | None) -> Path:
+def data_dir_of(cfg, workdir: str | os.PathLike | None):
+    """A local Path, or an epath.Path for a gs:// data_dir (or a gs:// workdir's data/)."""
     if cfg.data_dir:
+        if storage.is_remote(cfg.data_dir):
+            return storage.path(cfg.data_dir.rstrip("/"))
         return Path(cfg.data_dir).expanduser()
     if workdir is None:
         raise PrepareError("data.data_dir is '' and no workdir was given: set one of them")
+    if storage.is_remote(workdir):
+        return storage.path(os.fspath(workdir).rstrip("/")) / "data"
     return Path(workdir) / "data"
+
+
+def check_paths(cfg, workdir: str | os.PathLike | None = None) -> None:
+    """ConfigError (one line, naming the field) for a gs:// path of the data config whose bucket cannot be
+    reached; local paths pass. One request per bucket and field."""
+    seen = set()
+    data_dir = cfg.data_dir or (os.fspath(workdir) if workdir is not None else "")
+    for what, p in [*(("data.sources", s) for s in _sources_list(cfg.sources)),
+                    ("data.tokenizer_model", cfg.tokenizer_model),
+                    ("data.data_dir" if cfg.data_dir else "--workdir (data.data_dir is '')", data_dir)]:
+        bucket = os.fspath(p)[len(storage.GS):].partition("/")[0]
+        if storage.is_remote(p) and (what, bucket) not in seen:
+            seen.add((what, bucket))
+            storage.check_reachable(p, what)
 
 
 def prepare(data_config, workdir: str | os.PathLike | None = None, *, progress: bool = True) -> dict:
@@ -218,12 +245,16 @@ def prepare(data_config, workdir: str | os.PathLike | None = None, *, progress: 
     cfg = data_config
     validate_data_config(cfg)
     data_dir = data_dir_of(cfg, workdir)
+    check_paths(cfg, workdir)
+    remote = storage.is_remote(data_dir)
     files = _source_files(cfg) if _sources_list(cfg.sources) else None
     tok = _load_tokenizer(cfg) if cfg.tokenizer_model else None
     inputs = _inputs(cfg, files, tok)
     fingerprint = _fingerprint(inputs)
     out = data_dir / fingerprint[:16]
-    if out.exists():
+    if remote:  # another process (host 0) may have just uploaded it: no stale listing from gcsfs's cache
+        sources.gcs_filesystem().invalidate_cache(os.fspath(out)[len(storage.GS):])
+    if (out / MANIFEST).is_file() if remote else out.exists():  # on a bucket: complete once the manifest is there
         manifest = load_manifest(out)
         if manifest.get("fingerprint") != fingerprint:
             raise PrepareError(f"{out} holds data prepared from other inputs (fingerprint "
@@ -255,9 +286,14 @@ def prepare(data_config, workdir: str | os.PathLike | None = None, *, progress: 
         log.info("trained the tokenizer on %d documents in %.1f s", num_docs, time.time() - start)
         kinds, docs = documents(cfg, files)
 
-    created = _missing_ancestors(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = data_dir / f".tmp-{fingerprint[:16]}-{uuid.uuid4().hex[:8]}"
+    if remote:  # built in a local staging directory, then uploaded
+        created = []
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir() / f".staging-{fingerprint[:16]}-{uuid.uuid4().hex[:8]}"
+    else:
+        created = _missing_ancestors(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = data_dir / f".tmp-{fingerprint[:16]}-{uuid.uuid4().hex[:8]}"
     writers = {}
     try:
         tmp.mkdir()
@@ -289,13 +325,17 @@ def prepare(data_config, workdir: str | os.PathLike | None = None, *, progress: 
             "inputs": inputs,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / MANIFEST).is_file():
-                raise
-            shutil.rmtree(tmp)  # another process prepared the same inputs first: theirs is as good
-            log.info("another process prepared %s first; using it", out)
+        if remote:
+            _upload(tmp, out)
+            shutil.rmtree(tmp)
+        else:
+            try:
+                os.rename(tmp, out)
+            except OSError:
+                if not (out / MANIFEST).is_file():
+                    raise
+                shutil.rmtree(tmp)  # another process prepared the same inputs first: theirs is as good
+                log.info("another process prepared %s first; using it", out)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -338,12 +378,26 @@ def _missing_ancestors(path: Path) -> list[Path]:
     return list(reversed(missing))
 
 
+def _upload(local: Path, remote) -> None:
+    """Copies the prepared directory `local` to the gs:// directory `remote`, manifest.json last: its presence
+    says every other object is complete. Objects of an earlier, interrupted upload are overwritten (a prepared
+    directory always holds the same file names)."""
+    fs = sources.gcs_filesystem()
+    root = os.fspath(remote)[len(storage.GS):].rstrip("/")
+    files = sorted(p for p in local.rglob("*") if p.is_file() and p.relative_to(local).as_posix() != MANIFEST)
+    for p in files:
+        fs.put_file(str(p), f"{root}/{p.relative_to(local).as_posix()}")
+    fs.put_file(str(local / MANIFEST), f"{root}/{MANIFEST}")
+    fs.invalidate_cache(root)
+
+
 def _load_tokenizer(cfg) -> Tokenizer:
-    path = Path(cfg.tokenizer_model).expanduser()
+    remote = storage.is_remote(cfg.tokenizer_model)
+    path = storage.path(cfg.tokenizer_model) if remote else Path(cfg.tokenizer_model).expanduser()
     if not path.is_file():
         raise PrepareError(f"data.tokenizer_model={cfg.tokenizer_model!r}: no such file")
     try:
-        tok = Tokenizer.load(path.resolve(), num_sentinels=cfg.num_sentinels)
+        tok = Tokenizer.load(path if remote else path.resolve(), num_sentinels=cfg.num_sentinels)
     except TokenizerError as e:
         raise PrepareError(f"data.tokenizer_model: {e}") from None
     if tok.vocab_size != cfg.vocab_size:
@@ -356,7 +410,7 @@ def _describe_sources(cfg, files) -> dict:
     if files is None:
         return {"kind": "default_corpus", **corpus.fingerprint()}
     return {"kind": "files", "patterns": _sources_list(cfg.sources), "files": len(files),
-            "bytes": sum(f.path.stat().st_size for f in files)}
+            "bytes": sum(f.size() for f in files)}
 
 
 def _check_splits(cfg, splits: dict) -> None:
@@ -369,6 +423,13 @@ def _check_splits(cfg, splits: dict) -> None:
                            f"data.validation_fraction={cfg.validation_fraction} or set it to 0")
 
 
+def _created(d) -> str:
+    try:
+        return str(json.loads((d / MANIFEST).read_text()).get("created", ""))
+    except (ValueError, OSError):
+        return ""
+
+
 def _report_change(data_dir: Path, inputs: dict, out: Path) -> None:
     """Says how the inputs differ from the most recently prepared data in `data_dir`, if any."""
     previous = []
@@ -379,7 +440,10 @@ def _report_change(data_dir: Path, inputs: dict, out: Path) -> None:
     if not previous:
         log.info("preparing data into %s", out)
         return
-    last = max(previous, key=lambda d: (d / MANIFEST).stat().st_mtime)
+    if storage.is_remote(data_dir):  # the manifest's own creation time (object stats differ from os.stat's)
+        last = max(previous, key=_created)
+    else:
+        last = max(previous, key=lambda d: (d / MANIFEST).stat().st_mtime)
     try:
         old = load_manifest(last).get("inputs", {})
     except ShardError:

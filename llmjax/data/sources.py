@@ -1,5 +1,6 @@
 """Corpus files to documents (one string each): plain text, JSON Lines and Parquet, found by path, directory
-or glob, typed by extension unless a type is forced.
+or glob, typed by extension unless a type is forced. Each may be local or on a bucket (gs://BUCKET/...: listed
+and read through gcsfs, the filesystem under etils.epath; `**` globs work there too).
 
 Plain text is cut into documents by `text_split`: 'paragraph' (default; blank lines separate documents, the
 BERT pretraining-data convention), 'file' (a whole file is one document, right for code or articles), or
@@ -10,10 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import io
 import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from etils import epath
+
+from llmjax import storage
 
 SOURCE_TYPES = {
     "text": (".txt", ".text", ".md", ".rst"),
@@ -30,13 +36,35 @@ class SourceError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class SourceFile:
-    path: Path
+    path: Path | epath.Path  # a resolved local path, or a gs:// epath.Path
     type: str  # a key of SOURCE_TYPES
 
     def describe(self) -> dict:
-        """What identifies this file's content for the prepared-data fingerprint (cheap: no reading)."""
+        """What identifies this file's content for the prepared-data fingerprint (cheap: no reading). On a
+        bucket the object's generation stands for the mtime: any rewrite of an object changes it."""
+        if storage.is_remote(self.path):
+            info = gcs_filesystem().info(_key(self.path))
+            return {"path": os.fspath(self.path), "type": self.type, "size": int(info["size"]),
+                    "generation": str(info.get("generation", ""))}
         st = self.path.stat()
         return {"path": str(self.path), "type": self.type, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+    def size(self) -> int:
+        if storage.is_remote(self.path):
+            return int(gcs_filesystem().info(_key(self.path))["size"])
+        return self.path.stat().st_size
+
+
+def gcs_filesystem():
+    """gcsfs's filesystem (the cached instance that etils.epath uses too); objects are named bucket/key."""
+    import fsspec  # gcsfs (aiohttp) is loaded only when a source is on a bucket
+
+    return fsspec.filesystem("gs")
+
+
+def _key(p) -> str:
+    """bucket/key of a gs:// path, as gcsfs names objects."""
+    return os.fspath(p)[len(storage.GS):].rstrip("/")
 
 
 def _supported() -> str:
@@ -70,26 +98,70 @@ def resolve_sources(patterns: Sequence[str], source_type: str = "auto") -> list[
     check_source_type(source_type)
     found: dict[Path, SourceFile] = {}
     for pattern in patterns:
-        pattern = os.path.expanduser(str(pattern))
-        if glob.has_magic(pattern):
-            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
-            files = [p for p in matches if p.is_file()]
-            for d in (p for p in matches if p.is_dir()):
-                files += _walk(d, source_type)
-            if not files:
-                raise SourceError(f"source pattern {pattern!r} matches no file")
-            files = [SourceFile(p.resolve(), type_of(p, source_type)) for p in files]
-        elif Path(pattern).is_dir():
-            files = [SourceFile(p.resolve(), type_of(p, source_type)) for p in _walk(Path(pattern), source_type)]
-            if not files:
-                raise SourceError(f"source directory {pattern} holds no corpus file ({_supported()})")
-        elif Path(pattern).is_file():
-            files = [SourceFile(Path(pattern).resolve(), type_of(Path(pattern), source_type))]
+        if storage.is_remote(str(pattern)):
+            files = _resolve_remote(str(pattern), source_type)
         else:
-            raise SourceError(f"source file {pattern} does not exist")
+            files = _resolve_local(os.path.expanduser(str(pattern)), source_type)
         for f in files:
             found.setdefault(f.path, f)
     return list(found.values())
+
+
+def _resolve_local(pattern: str, source_type: str) -> list[SourceFile]:
+    if glob.has_magic(pattern):
+        matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+        files = [p for p in matches if p.is_file()]
+        for d in (p for p in matches if p.is_dir()):
+            files += _walk(d, source_type)
+        if not files:
+            raise SourceError(f"source pattern {pattern!r} matches no file")
+        files = [SourceFile(p.resolve(), type_of(p, source_type)) for p in files]
+    elif Path(pattern).is_dir():
+        files = [SourceFile(p.resolve(), type_of(p, source_type)) for p in _walk(Path(pattern), source_type)]
+        if not files:
+            raise SourceError(f"source directory {pattern} holds no corpus file ({_supported()})")
+    elif Path(pattern).is_file():
+        files = [SourceFile(Path(pattern).resolve(), type_of(Path(pattern), source_type))]
+    else:
+        raise SourceError(f"source file {pattern} does not exist")
+    return files
+
+
+def _resolve_remote(pattern: str, source_type: str) -> list[SourceFile]:
+    """The files of a gs:// pattern: an object, a "directory" (every object under the prefix, recursively) or
+    a glob (gcsfs's, `**` included). As for local directories, hidden names and (for 'auto') unknown types
+    found under a directory are skipped."""
+    fs = gcs_filesystem()
+    key = _key(pattern)
+    fs.invalidate_cache(key if not glob.has_magic(key) else None)
+
+    def under(d: str) -> list[str]:
+        keep = []
+        for o in sorted(fs.find(d)):
+            rel = o[len(d):].strip("/").split("/")
+            if any(part.startswith(".") for part in rel):
+                continue
+            if source_type == "auto" and not any(Path(o).suffix.lower() in e for e in SOURCE_TYPES.values()):
+                continue
+            keep.append(o)
+        return keep
+
+    if glob.has_magic(key):
+        matches = sorted(fs.glob(key))
+        objects = [o for o in matches if fs.isfile(o)]
+        for d in (o for o in matches if o not in objects):
+            objects += under(d)
+        if not objects:
+            raise SourceError(f"source pattern {pattern!r} matches no file")
+    elif fs.isfile(key):
+        objects = [key]
+    elif fs.isdir(key):
+        objects = under(key)
+        if not objects:
+            raise SourceError(f"source directory {pattern} holds no corpus file ({_supported()})")
+    else:
+        raise SourceError(f"source file {pattern} does not exist")
+    return [SourceFile(epath.Path(storage.GS + o), type_of(Path(o), source_type)) for o in objects]
 
 
 def _walk(directory: Path, source_type: str) -> list[Path]:
@@ -124,6 +196,8 @@ def read_documents(files: Sequence[SourceFile], *, text_split: str = "paragraph"
 
 def _open_text(path: Path):
     try:
+        if storage.is_remote(path):  # a streamed read of the object, decoded as a local file would be
+            return io.TextIOWrapper(gcs_filesystem().open(_key(path), "rb"), encoding="utf-8", newline="")
         return open(path, encoding="utf-8", newline="")  # newline="": '\r\n' stays as written
     except FileNotFoundError:
         raise SourceError(f"source file {path} does not exist (it was removed after it was listed)") from None
@@ -187,7 +261,7 @@ def _read_parquet(path: Path, column: str) -> Iterator[str]:
     except ImportError:
         raise SourceError(f"reading {path} needs pyarrow: pip install {PYARROW_PIN}") from None
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(gcs_filesystem().open(_key(path), "rb") if storage.is_remote(path) else path)
     except Exception as e:  # pyarrow raises ArrowInvalid & co for a file that is not Parquet
         raise SourceError(f"{path} is not a readable Parquet file: {e}") from None
     names = pf.schema_arrow.names

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llmjax import storage
 from llmjax.data import corpus
 from llmjax.data.vocab import BOS_ID, CLS_ID, EOS_ID, PAD_ID, SEP_ID
 
@@ -44,11 +45,11 @@ def read_rows(path: str | os.PathLike, task: str) -> list[dict]:
     types (tags as many as tokens). Blank lines are skipped. Errors name `file:line`."""
     if task not in TASKS:
         raise TaskDataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    path = Path(path)
+    path = storage.path(path)  # a local file or a gs:// object
     if not path.is_file():
         raise TaskDataError(f"task data file {path} does not exist")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with path.open("r", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue

