@@ -358,10 +358,14 @@ def _single_process(workdir, data_dir, steps, devices=4):
 
 
 @pytest.mark.slow
-def test_two_process_checkpoint_resumes_in_one_process(tmp_path):
+def test_two_process_checkpoint_resumes_in_one_process(tmp_path, tmp_path_factory, worker_id):
     """2 processes x 2 devices train 6 steps; 1 process x 4 devices resumes that checkpoint to step 9 and
     matches an uninterrupted 1-process run of 9 steps (the data-iterator states of both ranks merge)."""
-    data_dir, multi, single = tmp_path / "data", tmp_path / "multi", tmp_path / "single"
+    from conftest import prepared_data_dir
+
+    # TINY_TRAIN's corpus, prepared once per session (preparing in a 2-process launch: the tests above).
+    data_dir = prepared_data_dir(tmp_path_factory, worker_id, str(REPO / "configs/gpt_tiny.py"), TINY_TRAIN[:3])
+    multi, single = tmp_path / "multi", tmp_path / "single"
     r = subprocess.run(_launch_cmd(multi, *SMALL_MODEL, f"--config.data.data_dir={data_dir}", "--config.train.steps=6",
                                    "--config.train.checkpoint_every=3"),
                        env=_env(), capture_output=True, text=True, timeout=400, cwd=REPO)
