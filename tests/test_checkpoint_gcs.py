@@ -13,9 +13,10 @@ import pytest
 from etils import epath
 from flax import nnx
 
-from llmjax import checkpoint, storage
+from llmjax import checkpoint, runs, storage
 from llmjax import sharding as shd
 from llmjax.config import load_config, model_config
+from llmjax.params import flat_values
 from llmjax.state import init_state, make_optimizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -140,6 +141,14 @@ def test_export_to_a_bucket_and_load_it(gcs_module, tiny, tmp_path):
     assert_same(nnx.state(model, nnx.Param).to_pure_dict(), bumped(state, 1.0).params.to_pure_dict())
     assert checkpoint.stored_array_bytes(f"{out}/{checkpoint.EXPORT_PARAMS}") == sum(
         x.nbytes for x in leaves(state.params))
+    # What `llmjax finetune --init-from gs://...` loads: the export, or the training workdir's newest checkpoint.
+    want = {k: np.asarray(v) for k, v in flat_values(bumped(state, 1.0).params).items()}
+    for source, described in ((out, f"export {out}"), (workdir, f"checkpoint {workdir}/checkpoints/2")):
+        params, cfg, tok, what = runs.load_pretrained(source)
+        assert what == described and cfg["model"] == cfg_json["model"] and str(tok) == f"{source}/tokenizer.model"
+        assert params.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(params[k], want[k], err_msg=k)
 
     # An interrupted export (marker, no config.json) is written again; a foreign directory is refused.
     epath.Path(f"{out}/{checkpoint.EXPORT_CONFIG}").unlink()
