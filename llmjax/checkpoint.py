@@ -75,7 +75,6 @@ log = logging.getLogger("llmjax")
 CHECKPOINTS = "checkpoints"
 CORRUPT = "checkpoints_corrupt"
 MANIFEST = "checksums.json"  # in each step directory: {relative path: sha256} of its state/, data/, config/ files
-TMP_MARK = ".orbax-checkpoint-tmp"  # Orbax's in-progress save directories (<step>.orbax-checkpoint-tmp-<time>)
 EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "config.json"
 BEST = "best"  # WORKDIR/best: parameters of the step with the lowest validation loss (train.keep_best)
@@ -315,7 +314,7 @@ def _quiet_unraisable(hook):
 
 def _sha256(path) -> str:
     h = hashlib.sha256()
-    with (storage.path(path).open("rb") if storage.is_remote(path) else open(path, "rb")) as f:
+    with storage.path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -323,14 +322,11 @@ def _sha256(path) -> str:
 
 def file_hashes(step_dir) -> dict[str, str]:
     """{path relative to step_dir: sha256} of every file under its state/, data/ and config/ items."""
-    if storage.is_remote(step_dir):
-        storage.refresh(step_dir)
-        base = os.fspath(step_dir).rstrip("/") + "/"
-        return {os.fspath(p)[len(base):]: _sha256(p) for item in ("state", "data", "config")
-                for p in storage.files_under(storage.path(step_dir) / item)}
-    step_dir = Path(step_dir)
-    return {str(p.relative_to(step_dir)): _sha256(p) for item in ("state", "data", "config")
-            for p in sorted((step_dir / item).rglob("*")) if p.is_file()}
+    step_dir = storage.path(step_dir)
+    storage.refresh(step_dir)
+    base = os.fspath(step_dir).rstrip("/") + "/"
+    return {os.fspath(p)[len(base):]: _sha256(p) for item in ("state", "data", "config")
+            for p in storage.files_under(step_dir / item)}
 
 
 def verify(step_dir) -> None:
@@ -448,11 +444,11 @@ class Checkpoints:
             return
         for p in sorted(self.directory.iterdir()):
             if self.remote:
-                if (TMP_MARK in p.name or p.name.isdigit()) and p.is_dir() and not storage.is_finalized(p):
+                if (storage.TMP_MARK in p.name or p.name.isdigit()) and p.is_dir() and not storage.is_finalized(p):
                     p.rmtree()
                     storage.refresh(p)
                     log.info("removed %s, left by an interrupted save", p)
-            elif TMP_MARK in p.name and p.is_dir():
+            elif storage.TMP_MARK in p.name and p.is_dir():
                 shutil.rmtree(p)
                 log.info("removed %s, left by an interrupted save", p)
 

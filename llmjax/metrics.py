@@ -50,6 +50,11 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
     return measured_matmul_peak(), f"measured float32 matmul on {kind}"
 
 
+def tensorboard_dir(workdir) -> str:
+    """WORKDIR/tensorboard: TensorBoard's event files and the profiler's traces (a gs:// URL stays one)."""
+    return str(storage.path(workdir) / "tensorboard")
+
+
 class MetricsWriter:
     """Appends metrics to metrics.jsonl and TensorBoard; only the writing process (process 0) writes.
 
@@ -79,7 +84,7 @@ class MetricsWriter:
         if enabled:
             from tensorboardX import SummaryWriter  # heavy: only the process that writes imports it
 
-            self.tb = SummaryWriter(str(storage.path(workdir) / "tensorboard"))  # gs:// too (tensorboardX)
+            self.tb = SummaryWriter(tensorboard_dir(workdir))  # gs:// too (tensorboardX)
 
     def write(self, step: int, metrics: dict, prefix: str = "train"):
         if not self.enabled:

@@ -24,6 +24,8 @@ import logging
 
 import jax
 
+from llmjax.metrics import tensorboard_dir
+
 log = logging.getLogger("llmjax")
 
 FIELD = "train.profile_steps"
@@ -58,11 +60,6 @@ def parse_profile_steps(value) -> tuple[int, int] | None:
     return first, last
 
 
-def trace_dir(workdir) -> str:
-    """WORKDIR/tensorboard, joined as text so that a bucket URL (gs://...) keeps its '//'."""
-    return str(workdir).rstrip("/") + "/tensorboard"
-
-
 class _Active:
     """The trace being recorded (the profiler records one trace at a time, process-wide)."""
 
@@ -91,11 +88,11 @@ def before_step(tc, workdir, step: int, start_step: int) -> None:
         atexit.register(_stop_at_exit)
         _Active.exit_hook = True
     try:
-        jax.profiler.start_trace(trace_dir(workdir))
+        jax.profiler.start_trace(tensorboard_dir(workdir))
     except RuntimeError as e:  # e.g. a trace started by the caller: a profile never stops the run
         log.warning("%s: not profiling: %s", FIELD, e)
         return
-    _Active.log_dir, _Active.last = trace_dir(workdir), last
+    _Active.log_dir, _Active.last = tensorboard_dir(workdir), last
     log.info("profiling steps %d to %d into %s", begin, min(last, tc.steps), _Active.log_dir)
 
 

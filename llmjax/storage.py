@@ -85,16 +85,16 @@ def refresh(p) -> None:
     from etils.epath import backend  # the gcsfs instance epath uses for gs:// (created on first use)
 
     backend.fsspec_backend.fs(os.fspath(p)).invalidate_cache()
-    _gcsfs().invalidate_cache()
+    gcs_filesystem().invalidate_cache()
 
 
 def files_under(root) -> list[epath.Path]:
     """Every file under the directory `root`, recursively, sorted (none when it does not exist). On a bucket
     through walk() (no rglob there), its tops joined onto `root` (walk drops the "gs://")."""
-    root = path(root) if is_remote(root) else epath.Path(root)
-    if not is_remote(root):
-        return sorted(p for p in root.rglob("*") if p.is_file())
-    base = os.fspath(root)[len(GS):].rstrip("/")
+    root = path(root)
+    if not is_remote(root):  # (epath's rglob refuses `**` even on a local disk: pathlib's)
+        return sorted(epath.Path(p) for p in Path(root).rglob("*") if p.is_file())
+    base = object_name(root)
     out = []
     for top, _, names in root.walk():
         rel = os.path.relpath(os.fspath(top), base)
@@ -105,8 +105,13 @@ def files_under(root) -> list[epath.Path]:
 
 def _split(p) -> tuple[str, str]:
     """(bucket, key) of a gs:// URL."""
-    bucket, _, key = os.fspath(p)[len(GS):].partition("/")
+    bucket, _, key = object_name(p).partition("/")
     return bucket, key.strip("/")
+
+
+def object_name(p) -> str:
+    """'bucket/key' of a gs:// URL: how gcsfs names objects and prefixes."""
+    return os.fspath(p)[len(GS):].rstrip("/")
 
 
 def _gcs_client():
@@ -120,8 +125,9 @@ def _gcs_client():
     return storage.Client()
 
 
-def _gcsfs():
-    import fsspec  # gcsfs (aiohttp) loads only when a bucket is used (epath caches an instance of its own)
+def gcs_filesystem():
+    """gcsfs's filesystem (fsspec caches one instance; epath keeps an instance of its own)."""
+    import fsspec  # gcsfs (aiohttp) loads only when a bucket is used
 
     return fsspec.filesystem("gs")
 
@@ -173,8 +179,8 @@ def move_aside(src, dst) -> None:
             raise FileExistsError(f"{dst} exists already; not moving {src} over it")
         os.rename(src, dst)
         return
-    fs = _gcsfs()
-    s, d = os.fspath(src)[len(GS):].rstrip("/"), os.fspath(dst)[len(GS):].rstrip("/")
+    fs = gcs_filesystem()
+    s, d = object_name(src), object_name(dst)
     if fs.isfile(s):
         objects = {s: fs.info(s)["size"]}
     else:
@@ -214,8 +220,8 @@ def local_copy(p, cache_dir) -> Path:
     if not is_remote(p):
         return Path(p)
     url = os.fspath(p).rstrip("/")
-    fs = _gcsfs()
-    root = url[len(GS):]
+    fs = gcs_filesystem()
+    root = object_name(url)
     fs.invalidate_cache(root)
     if fs.isfile(root):
         listing = {"": fs.info(root)}

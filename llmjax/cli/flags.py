@@ -13,6 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llmjax.config import load_config
+from llmjax.launch.distributed import config_path
 
 
 def parse_config_flags(argv: list[str], define=None, *, config_required: bool = True, about: str = "",
@@ -48,20 +49,10 @@ def parse_config_flags(argv: list[str], define=None, *, config_required: bool = 
     return fv
 
 
-def config_file_arg(args: list[str]) -> str | None:
-    """The FILE of --config=FILE or --config FILE in `args`, or None."""
-    for i, a in enumerate(args):
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-        if a == "--config" and i + 1 < len(args):
-            return args[i + 1]
-    return None
-
-
 def check_config_file(prog: str, args: list[str], example: str = "configs/gpt_tiny.py") -> None:
     """A --config FILE that is missing (or a directory) is named here, before absl tries to import it (which
     would end in "Failed loading config file" with the path only inside a chained traceback)."""
-    path = config_file_arg(args)
+    path = config_path(args)
     if path is None:
         return
     hint = f"pass e.g. --config {example}"
@@ -121,9 +112,7 @@ _ABSL_BUILTIN = {"flagfile", "undefok"}
 def unknown_field_message(args: list[str], error: Exception) -> str:
     """"unknown config field 'stepz'; did you mean 'steps'? (--config.train.stepz=3)" for the first override
     whose path the config file does not have."""
-    config_file = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
-    if config_file is None and "--config" in args and args.index("--config") + 1 < len(args):
-        config_file = args[args.index("--config") + 1]
+    config_file = config_path(args)
     overrides = [a for a in args if a.startswith("--config.")]
     try:
         cfg = load_config(config_file)

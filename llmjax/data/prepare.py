@@ -233,7 +233,7 @@ def check_paths(cfg, workdir: str | os.PathLike | None = None) -> None:
     for what, p in [*(("data.sources", s) for s in _sources_list(cfg.sources)),
                     ("data.tokenizer_model", cfg.tokenizer_model),
                     ("data.data_dir" if cfg.data_dir else "--workdir (data.data_dir is '')", data_dir)]:
-        bucket = os.fspath(p)[len(storage.GS):].partition("/")[0]
+        bucket = storage.object_name(p).partition("/")[0]
         if storage.is_remote(p) and (what, bucket) not in seen:
             seen.add((what, bucket))
             storage.check_reachable(p, what)
@@ -253,7 +253,7 @@ def prepare(data_config, workdir: str | os.PathLike | None = None, *, progress: 
     fingerprint = _fingerprint(inputs)
     out = data_dir / fingerprint[:16]
     if remote:  # another process (host 0) may have just uploaded it: no stale listing from gcsfs's cache
-        sources.gcs_filesystem().invalidate_cache(os.fspath(out)[len(storage.GS):])
+        storage.refresh(out)
     if (out / MANIFEST).is_file() if remote else out.exists():  # on a bucket: complete once the manifest is there
         manifest = load_manifest(out)
         if manifest.get("fingerprint") != fingerprint:
@@ -382,8 +382,8 @@ def _upload(local: Path, remote) -> None:
     """Copies the prepared directory `local` to the gs:// directory `remote`, manifest.json last: its presence
     says every other object is complete. Objects of an earlier, interrupted upload are overwritten (a prepared
     directory always holds the same file names)."""
-    fs = sources.gcs_filesystem()
-    root = os.fspath(remote)[len(storage.GS):].rstrip("/")
+    fs = storage.gcs_filesystem()
+    root = storage.object_name(remote)
     files = sorted(p for p in local.rglob("*") if p.is_file() and p.relative_to(local).as_posix() != MANIFEST)
     for p in files:
         fs.put_file(str(p), f"{root}/{p.relative_to(local).as_posix()}")

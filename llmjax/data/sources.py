@@ -43,7 +43,7 @@ class SourceFile:
         """What identifies this file's content for the prepared-data fingerprint (cheap: no reading). On a
         bucket the object's generation stands for the mtime: any rewrite of an object changes it."""
         if storage.is_remote(self.path):
-            info = gcs_filesystem().info(_key(self.path))
+            info = storage.gcs_filesystem().info(storage.object_name(self.path))
             return {"path": os.fspath(self.path), "type": self.type, "size": int(info["size"]),
                     "generation": str(info.get("generation", ""))}
         st = self.path.stat()
@@ -51,20 +51,8 @@ class SourceFile:
 
     def size(self) -> int:
         if storage.is_remote(self.path):
-            return int(gcs_filesystem().info(_key(self.path))["size"])
+            return int(storage.gcs_filesystem().info(storage.object_name(self.path))["size"])
         return self.path.stat().st_size
-
-
-def gcs_filesystem():
-    """gcsfs's filesystem (the cached instance that etils.epath uses too); objects are named bucket/key."""
-    import fsspec  # gcsfs (aiohttp) is loaded only when a source is on a bucket
-
-    return fsspec.filesystem("gs")
-
-
-def _key(p) -> str:
-    """bucket/key of a gs:// path, as gcsfs names objects."""
-    return os.fspath(p)[len(storage.GS):].rstrip("/")
 
 
 def _supported() -> str:
@@ -131,8 +119,8 @@ def _resolve_remote(pattern: str, source_type: str) -> list[SourceFile]:
     """The files of a gs:// pattern: an object, a "directory" (every object under the prefix, recursively) or
     a glob (gcsfs's, `**` included). As for local directories, hidden names and (for 'auto') unknown types
     found under a directory are skipped."""
-    fs = gcs_filesystem()
-    key = _key(pattern)
+    fs = storage.gcs_filesystem()
+    key = storage.object_name(pattern)
     fs.invalidate_cache(key if not glob.has_magic(key) else None)
 
     def under(d: str) -> list[str]:
@@ -197,7 +185,8 @@ def read_documents(files: Sequence[SourceFile], *, text_split: str = "paragraph"
 def _open_text(path: Path):
     try:
         if storage.is_remote(path):  # a streamed read of the object, decoded as a local file would be
-            return io.TextIOWrapper(gcs_filesystem().open(_key(path), "rb"), encoding="utf-8", newline="")
+            raw = storage.gcs_filesystem().open(storage.object_name(path), "rb")
+            return io.TextIOWrapper(raw, encoding="utf-8", newline="")
         return open(path, encoding="utf-8", newline="")  # newline="": '\r\n' stays as written
     except FileNotFoundError:
         raise SourceError(f"source file {path} does not exist (it was removed after it was listed)") from None
@@ -261,7 +250,8 @@ def _read_parquet(path: Path, column: str) -> Iterator[str]:
     except ImportError:
         raise SourceError(f"reading {path} needs pyarrow: pip install {PYARROW_PIN}") from None
     try:
-        pf = pq.ParquetFile(gcs_filesystem().open(_key(path), "rb") if storage.is_remote(path) else path)
+        remote = storage.is_remote(path)
+        pf = pq.ParquetFile(storage.gcs_filesystem().open(storage.object_name(path), "rb") if remote else path)
     except Exception as e:  # pyarrow raises ArrowInvalid & co for a file that is not Parquet
         raise SourceError(f"{path} is not a readable Parquet file: {e}") from None
     names = pf.schema_arrow.names
