@@ -12,4 +12,5 @@ def get_config():
                      weight_decay=0.01)
     cfg.objective_args = {"nsp": True}
     cfg.mesh.update(data=1, fsdp=-1)
+    cfg.model.scan_layers = True  # one layer in the compiled program, scanned over the stack
     return cfg

@@ -10,4 +10,5 @@ def get_config():
     cfg.train.update(steps=600_000, batch_size=480, seq_length=1024, micro_batches=1, eval_every=2000)
     cfg.optim.update(learning_rate=6e-4, warmup_steps=2000, min_lr_ratio=0.1, b2=0.95, weight_decay=0.1)
     cfg.mesh.update(data=1, fsdp=-1)
+    cfg.model.scan_layers = True  # one layer in the compiled program, scanned over the stack
     return cfg

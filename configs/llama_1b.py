@@ -10,6 +10,6 @@ def get_config():
     cfg = base_config(objective="causal_lm", **model_preset("llama", "1b"))
     cfg.train.update(steps=100_000, batch_size=512, seq_length=2048, eval_every=5000)
     cfg.optim.update(learning_rate=3e-4, warmup_steps=2000, b2=0.95, weight_decay=0.1)
-    cfg.model.update(dtype="bfloat16", remat="save_dots")
+    cfg.model.update(dtype="bfloat16", remat="save_dots", scan_layers=True)  # one layer in the program, scanned
     cfg.mesh.update(data=1, fsdp=-1)
     return cfg

@@ -13,6 +13,6 @@ def get_config():
     # Llama 2's batch was 4M tokens; 256 x 4096 = 1M tokens per step here, bf16 compute, fp32 master weights.
     cfg.train.update(steps=250_000, batch_size=256, seq_length=4096, eval_every=5000)
     cfg.optim.update(learning_rate=3e-4, warmup_steps=2000, b2=0.95, weight_decay=0.1, min_lr_ratio=0.1)
-    cfg.model.update(dtype="bfloat16", remat="save_dots")
+    cfg.model.update(dtype="bfloat16", remat="save_dots", scan_layers=True)  # one layer in the program, scanned
     cfg.mesh.update(data=1, fsdp=-1)
     return cfg

@@ -11,4 +11,5 @@ def get_config():
     cfg.optim.update(optimizer="adafactor", learning_rate=0.01, schedule="rsqrt", warmup_steps=10_000,
                      weight_decay=0.0, clip_norm=0.0)
     cfg.mesh.update(data=1, fsdp=-1)
+    cfg.model.scan_layers = True  # one layer in the compiled program, scanned over the stack
     return cfg

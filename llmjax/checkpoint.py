@@ -198,9 +198,16 @@ def check_compatible(saved: dict, current: dict, where: str) -> None:
             if changed:
                 culprits.append(f"{section}.{key} (checkpoint {a!r}, now {b!r})")
     what = ", ".join(culprits) or "the model/optimizer configuration"
+    convert = ""
+    scan = current.get("model", {}).get("scan_layers", False)
+    if scan != saved.get("model", {}).get("scan_layers", False):  # same model, other layout: its weights convert
+        convert = (f"; or continue from its weights in the other layer layout with a new run, "
+                   f"`llmjax train --config ... --init-from {where.rsplit('/checkpoints/', 1)[0]} "
+                   f"--config.model.scan_layers={scan} --workdir NEW` (the parameters convert, the optimizer starts "
+                   "afresh)")
     raise ConfigError(
         f"cannot resume from {where}: {what} changes the shapes of the saved parameters or optimizer state. "
-        "Set it back to the checkpoint's value, or use a new --workdir to train this model from scratch")
+        f"Set it back to the checkpoint's value, or use a new --workdir to train this model from scratch{convert}")
 
 
 # ------------------------------------------------------------------------------------------ preemption

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from llmjax.data.vocab import EOS_ID, PAD_ID
+from llmjax.models.attention import KVCache
 
 METHODS = ("greedy", "sample", "beam")
 # (tokens [B'], step t, cache) -> (logits [B', V] for the token after `tokens`, cache)
@@ -106,13 +107,19 @@ def sample_loop(step_fn: StepFn, logits, cache, key, temperature, top_k, top_p, 
     return Decoded(tokens, log_probs, log_probs, finished)
 
 
+def _is_cache(x) -> bool:
+    return isinstance(x, KVCache)
+
+
 def _take_rows(tree, rows: jax.Array):
-    """Gather the batch rows `rows` of every cache array (the scalar write index is shared)."""
-    return jax.tree.map(lambda x: x[rows] if x.ndim else x, tree)
+    """Gather the batch rows `rows` of every array and cache (the scalar write index is shared)."""
+    return jax.tree.map(lambda x: x.take_rows(rows) if _is_cache(x) else x[rows] if x.ndim else x, tree,
+                        is_leaf=_is_cache)
 
 
 def _repeat_rows(tree, k: int):
-    return jax.tree.map(lambda x: jnp.repeat(x, k, axis=0) if x.ndim else x, tree)
+    return jax.tree.map(lambda x: x.repeat_rows(k) if _is_cache(x) else jnp.repeat(x, k, axis=0) if x.ndim else x,
+                        tree, is_leaf=_is_cache)
 
 
 def beam_search_loop(step_fn: StepFn, logits, cache, length_penalty, *, num_beams: int, max_new_tokens: int,

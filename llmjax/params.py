@@ -1,8 +1,14 @@
 """Parameter trees by path: the one home of how llmjax names a leaf ('decoder/layers/0/mlp/wi/kernel'),
-flattens and nests trees by that name, writes values into an nnx.State and builds a model from given values."""
+flattens and nests trees by that name, writes values into an nnx.State and builds a model from given values.
+
+Two layouts of a layer stack: unrolled, 'decoder/layers/{i}/...' per layer, and scanned (model.scan_layers),
+'decoder/blocks/{j}/...' with a leading axis over scan steps, layer i = step i // P, slot j = i % P
+(P = model.scan_period). `in_layout` converts {path: array} trees between them (checkpoints, exports,
+Hugging Face weights and --init-from work with either)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -56,6 +62,65 @@ def unflatten(flat: dict[str, Any], *, int_keys: bool = True) -> dict:
     return tree
 
 
+_UNROLLED = re.compile(r"(.*/)?layers/(\d+)/(.*)")
+_SCANNED = re.compile(r"(.*/)?blocks/(\d+)/(.*)")
+
+
+def is_scanned_path(path: str) -> bool:
+    """Whether the leaf at `path` holds a scanned stack's values (a leading axis over scan steps)."""
+    return _SCANNED.fullmatch(path) is not None
+
+
+def _stack(arrays):
+    return np.stack(arrays) if all(isinstance(a, np.ndarray) for a in arrays) else jnp.stack(arrays)
+
+
+def _layer_leaves(flat: dict[str, Any], pattern: re.Pattern) -> tuple[dict, list[tuple[str, int, str, Any]]]:
+    """({path: value} of the leaves outside layer stacks, [(stack prefix, index, rest of the path, value)])."""
+    others, leaves = {}, []
+    for path, v in flat.items():
+        m = pattern.fullmatch(path)
+        if m is None:
+            others[path] = v
+        else:
+            leaves.append((m.group(1) or "", int(m.group(2)), m.group(3), v))
+    return others, leaves
+
+
+def stack_layers(flat: dict[str, Any], period: int) -> dict[str, Any]:
+    """Unrolled {'x/layers/{i}/rest': a} -> scanned {'x/blocks/{i % period}/rest': stack over i // period}."""
+    out, leaves = _layer_leaves(flat, _UNROLLED)
+    groups: dict = {}
+    for prefix, i, rest, v in leaves:
+        groups.setdefault((prefix, i % period, rest), {})[i // period] = v
+    for (prefix, j, rest), by_step in groups.items():
+        if sorted(by_step) != list(range(len(by_step))):
+            raise ValueError(f"{prefix}layers: layers missing for slot {j} of scanned steps ({sorted(by_step)})")
+        out[f"{prefix}blocks/{j}/{rest}"] = _stack([by_step[u] for u in range(len(by_step))])
+    return out
+
+
+def unstack_layers(flat: dict[str, Any]) -> dict[str, Any]:
+    """Scanned {'x/blocks/{j}/rest': [U, ...]} -> unrolled {'x/layers/{u * P + j}/rest': [...]}, P the number
+    of slots of that stack."""
+    out, leaves = _layer_leaves(flat, _SCANNED)
+    slots: dict = {}
+    for prefix, j, _, _ in leaves:
+        slots.setdefault(prefix, set()).add(j)
+    for prefix, j, rest, v in leaves:
+        period = len(slots[prefix])
+        for u in range(v.shape[0]):
+            out[f"{prefix}layers/{u * period + j}/{rest}"] = v[u]
+    return out
+
+
+def in_layout(flat: dict[str, Any], model_cfg) -> dict[str, Any]:
+    """{path: array} of either layout in the layout of `model_cfg` (scanned or unrolled)."""
+    if model_cfg.scan_layers:
+        return stack_layers(unstack_layers(flat), model_cfg.scan_period)  # also re-slots another period's steps
+    return unstack_layers(flat)
+
+
 def set_params(state_params, values: dict[str, Any]) -> None:
     """Write `values` (by path) into the Variables of an nnx.State, keeping each Variable's sharding."""
     for p, var in nnx.to_flat_state(state_params):
@@ -69,9 +134,10 @@ def set_params(state_params, values: dict[str, Any]) -> None:
 
 
 def build_with_params(model_cfg, values: dict, seed: int = 0):
-    """The model of `model_cfg` with the parameters `values` ({path: array}); the others (new heads, adapters)
-    initialised as build_model would. Only those are compiled and drawn: an eager or whole random init costs
-    seconds even for tiny models."""
+    """The model of `model_cfg` with the parameters `values` ({path: array}, either layer layout); the others
+    (new heads, adapters) initialised as build_model would. Only those are compiled and drawn: an eager or whole
+    random init costs seconds even for tiny models."""
+    values = in_layout(values, model_cfg)
     abstract = nnx.eval_shape(lambda: build_model(model_cfg, seed))
     graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
     fresh_names = set(flat_values(params)) - set(values)

@@ -32,6 +32,7 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("head_dim", None),
     ("expert", "expert"),
+    ("layers", None),  # the stacked blocks of a scanned stack (model.scan_layers)
 )
 
 

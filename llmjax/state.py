@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llmjax import sharding as shd
 from llmjax.models.config import ConfigError, ModelConfig
 from llmjax.models.transformer import build_model
-from llmjax.params import build_with_params, key_name, path_str
+from llmjax.params import build_with_params, is_scanned_path, key_name, path_str
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -66,7 +66,7 @@ def decay_mask(params, c):
         name = path_str(path)
         value = var.get_value() if isinstance(var, nnx.Variable) else var
         is_embedding = name.endswith("embedding")
-        is_vector = value.ndim < 2
+        is_vector = value.ndim - is_scanned_path(name) < 2  # a scanned stack's leading axis counts no layer dim
         ok = True
         if is_embedding and not c.decay_embeddings:
             ok = False

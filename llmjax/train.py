@@ -30,6 +30,8 @@ from llmjax.models.flops import train_flops
 from llmjax.models.transformer import build_model
 from llmjax.objectives import check_family
 from llmjax.objectives.loss import objective_loss
+from llmjax.params import flat_values, in_layout
+from llmjax.runs import load_pretrained
 from llmjax.state import learning_rate_schedule, make_optimizer
 from llmjax.step import batch_shardings, global_batch, make_eval_step, make_train_step, metrics_of
 from llmjax.workdir import lock_workdir
@@ -54,20 +56,51 @@ def check_run_config(cfg, model_cfg: ModelConfig):
     check_train_config(cfg)  # every number of the train and optim sections, before data preparation
 
 
-def train_and_evaluate(cfg, workdir, *, progress: bool = True) -> dict:
+def train_and_evaluate(cfg, workdir, *, progress: bool = True, init_from=None) -> dict:
     """The main job: prepare data, build the sharded state, train for train.steps, evaluate, log, plot.
-    Returns the last train and eval metrics."""
+    Returns the last train and eval metrics. `init_from` (a training workdir or export directory) gives a new
+    run its initial parameters; a run that resumes ignores it."""
     workdir = storage.path(workdir)  # a local directory or a gs:// URL
     model_cfg = ModelConfig.from_dict(cfg.model)
     check_run_config(cfg, model_cfg)
     # The mesh against the devices and the batch against the mesh, before the lock and the data preparation.
     mesh = shd.make_mesh(cfg.mesh)
     shd.validate_layout(model_cfg, mesh, cfg.train.batch_size, cfg.train.micro_batches)
+    initial = None
+    if init_from is not None and ckpt_lib.Checkpoints(workdir).steps():
+        log.info("%s has checkpoints: resuming them; --init-from %s is not used", workdir, init_from)
+    elif init_from is not None:  # the source's parameters must fit the model, checked before anything is written
+        initial = (init_from, *initial_params(init_from, model_cfg, cfg.train.seed))
     with lock_workdir(workdir):  # one run per workdir: a second one is refused here, before it writes anything
-        return _train_and_evaluate(cfg, workdir, model_cfg, mesh, progress=progress)
+        return _train_and_evaluate(cfg, workdir, model_cfg, mesh, progress=progress, initial=initial)
 
 
-def _train_and_evaluate(cfg, workdir, model_cfg: ModelConfig, mesh, *, progress: bool) -> dict:
+def initial_params(init_from, model_cfg: ModelConfig, seed: int) -> tuple[dict, object]:
+    """({path: array} in model_cfg's layer layout, the source's tokenizer file or None) of --init-from: every
+    parameter of the model, with its shape (a LoRA run's adapters are merged; the layer layout converts)."""
+    try:
+        values, _, tokenizer, described = load_pretrained(init_from)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--init-from: {e}") from None
+    values = in_layout(values, model_cfg)
+    expected = flat_values(nnx.state(nnx.eval_shape(lambda: build_model(model_cfg, seed)), nnx.Param))
+    missing = sorted(set(expected) - set(values))
+    extra = sorted(set(values) - set(expected))
+    shapes = [f"{k} {tuple(values[k].shape)} vs {tuple(expected[k].shape)}" for k in sorted(set(expected) & set(values))
+              if tuple(values[k].shape) != tuple(expected[k].shape)]
+    if missing or extra or shapes:
+        what = "; ".join(part for part in (
+            missing and f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}",
+            extra and f"not in this model {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}",
+            shapes and f"other shapes (source vs model) {', '.join(shapes[:4])}") if part)
+        raise ConfigError(f"--init-from {init_from}: its parameters do not fit this run's model ({what}); the "
+                          "model section must describe the same model (only model.scan_layers and settings that "
+                          "change no parameter may differ)")
+    log.info("initial parameters from %s", described)
+    return {k: values[k] for k in expected}, tokenizer
+
+
+def _train_and_evaluate(cfg, workdir, model_cfg: ModelConfig, mesh, *, progress: bool, initial=None) -> dict:
     is_writer = jax.process_index() == 0
     tc = cfg.train
     cfg_json = json.loads(cfg.to_json_best_effort())
@@ -87,12 +120,18 @@ def _train_and_evaluate(cfg, workdir, model_cfg: ModelConfig, mesh, *, progress:
         shd.sync("llmjax_prepare")
     data_dir = storage.path(manifest["dir"])
     tokenizer = Tokenizer.load(data_dir / TOKENIZER_FILE)
+    init_from, values, source_tokenizer = initial or (None, None, None)
+    if source_tokenizer is not None and storage.path(source_tokenizer).read_bytes() != \
+            (data_dir / TOKENIZER_FILE).read_bytes():
+        raise ConfigError(f"--init-from {init_from} was trained with another tokenizer ({source_tokenizer}) than this "
+                          f"run's data ({data_dir / TOKENIZER_FILE}); set data.tokenizer_model={source_tokenizer}")
     if is_writer and not (workdir / TOKENIZER_FILE).exists():  # the run's tokenizer travels with it (export)
         (data_dir / TOKENIZER_FILE).copy(workdir / TOKENIZER_FILE)
 
     rules = shd.rules_dict(cfg.sharding.rules)
     tx = make_optimizer(cfg.optim, tc.steps)
-    start = loop.start_state(model_cfg, tx, mesh, rules, tc.seed, checkpoints=checkpoints, cfg_json=cfg_json)
+    start = loop.start_state(model_cfg, tx, mesh, rules, tc.seed, checkpoints=checkpoints, cfg_json=cfg_json,
+                             values=values)
     if start.resumed_from is not None:
         log.info("resuming from checkpoint %s at step %d", start.resumed_from, start.step)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(start.state.params))

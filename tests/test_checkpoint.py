@@ -231,6 +231,26 @@ def test_refused_resumes_change_nothing_and_a_finished_run_says_so(tmp_path, dat
     assert took < 5, took
 
 
+def test_a_scanned_run_goes_on_unrolled_from_its_weights_with_init_from(tmp_path, data_dir, capsys):
+    """The layer layout is part of a checkpoint's state: resuming in the other layout is refused with the command
+    that converts it, and that command starts a new run from exactly the saved weights."""
+    scanned, unrolled = tmp_path / "scanned", tmp_path / "unrolled"
+    train(*args(scanned, data_dir, 4, "--config.model.scan_layers=True"))
+    assert "decoder/blocks/0/self_attn/q/kernel" in (scanned / "sharding.txt").read_text()
+    message = user_error(["llmjax", *args(scanned, data_dir, 8)], capsys)
+    assert "model.scan_layers (checkpoint True, now False)" in message, message
+    assert f"--init-from {scanned} --config.model.scan_layers=False --workdir NEW" in message, message
+    train(*args(unrolled, data_dir, 1, f"--init-from={scanned}"))
+    end = [r for r in read_metrics(scanned) if "eval/loss" in r][-1]
+    start = next(r for r in read_metrics(unrolled) if "eval/loss" in r)
+    assert end["step"] == 4 and start["step"] == 0
+    assert start["eval/loss"] == pytest.approx(end["eval/loss"], abs=1e-5)
+    message = user_error(["llmjax", *args(tmp_path / "other", data_dir, 1, f"--init-from={scanned}",
+                                          "--config.model.num_layers=3")], capsys)
+    assert message.startswith(f"llmjax train: --init-from {scanned}: its parameters do not fit"), message
+    assert not (tmp_path / "other").exists()
+
+
 def test_export_writes_params_only_and_they_load_into_a_model(tmp_path, data_dir):
     work, out = tmp_path / "w", tmp_path / "export"
     train(*args(work, data_dir, 4))

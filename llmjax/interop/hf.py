@@ -175,7 +175,7 @@ def model_params(model_or_state, cfg: ModelConfig | None = None) -> dict:
         tree = model_or_state.to_pure_dict()
     else:
         tree = model_or_state
-    flat = {k: np.asarray(v) for k, v in flatten(tree).items()}
+    flat = {k: np.asarray(v) for k, v in params_lib.unstack_layers(flatten(tree)).items()}  # HF names per layer
     for key in [k for k in flat if k.endswith("/lora_a")]:
         base = key[: -len("lora_a")]
         a, b = flat.pop(key), flat.pop(base + "lora_b")
@@ -187,10 +187,19 @@ def model_params(model_or_state, cfg: ModelConfig | None = None) -> dict:
     return unflatten(flat)
 
 
+def _period(expected: dict) -> int:
+    """Slots per scan step of the scanned stacks among the `expected` paths."""
+    return len({k.split("/blocks/")[1].split("/")[0] for k in expected if params_lib.is_scanned_path(k)})
+
+
 def _checked(expected: dict, params: dict) -> dict:
     """Flat `params` cast to the dtypes of the flat `expected` (arrays or ShapeDtypeStructs); the paths and
     every shape must match exactly."""
     given = flatten(params)
+    if any(params_lib.is_scanned_path(k) for k in expected):  # a scanned model: HF weights come per layer
+        given = params_lib.stack_layers(params_lib.unstack_layers(given), _period(expected))
+    else:
+        given = params_lib.unstack_layers(given)
     missing, unexpected = set(expected) - set(given), set(given) - set(expected)
     if missing or unexpected:
         raise InteropError(f"parameters do not match the llmjax model: missing {_listing(missing) or '-'}; "

@@ -127,6 +127,20 @@ class KVCache:
             index=self.index + k.shape[1],
         )
 
+    def layer(self, i: int) -> "KVCache":
+        """This cache, or layer i of a cache stacked over the steps of a scanned stack (arrays [steps, B, ...])."""
+        return self if self.index.ndim == 0 else jax.tree.map(lambda a: a[i], self)
+
+    def take_rows(self, rows: jax.Array) -> "KVCache":
+        """The batch rows `rows` (beam search follows each beam's parent); the write index is shared."""
+        axis = self.index.ndim  # the batch axis: 0, or 1 behind the steps of a scanned stack
+        return jax.tree.map(lambda a: a if a.ndim == axis else jnp.take(a, rows, axis=axis), self)
+
+    def repeat_rows(self, k: int) -> "KVCache":
+        """Each batch row repeated k times in place (row b becomes rows b*k .. b*k + k - 1)."""
+        axis = self.index.ndim
+        return jax.tree.map(lambda a: a if a.ndim == axis else jnp.repeat(a, k, axis=axis), self)
+
     @property
     def layout(self) -> TokenLayout:
         """The layout of the cached tokens (empty slots are segment 0)."""

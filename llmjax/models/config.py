@@ -74,6 +74,7 @@ class ModelConfig:
     attention_kernel: str = "auto"  # see KERNELS
     attention_block_size: int = 512  # key/query block of the blockwise kernel
     remat: str = "none"  # none | full | save_dots (recompute each block in the backward pass)
+    scan_layers: bool = False  # block parameters stacked on a leading 'layers' axis, run by jax.lax.scan
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
@@ -119,6 +120,11 @@ class ModelConfig:
     @property
     def expert_mlp_dim(self) -> int:
         return self.moe_mlp_dim or self.mlp_dim
+
+    @property
+    def scan_period(self) -> int:
+        """Layers per step of a scanned stack: moe_every with experts (k-1 dense layers and one MoE), else 1."""
+        return self.moe_every if self.num_experts else 1
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether layer i (0-based, in each stack) has a mixture of experts instead of the dense MLP."""
@@ -213,6 +219,14 @@ class ModelConfig:
         if bad:
             fail("lora_targets", f"unknown target(s) {bad}; choose from {LORA_TARGETS}")
         self._validate_moe(fail)
+        if not isinstance(self.scan_layers, bool):
+            fail("scan_layers", f"must be True or False, got {self.scan_layers!r}")
+        if self.scan_layers:
+            for field, n in (("num_layers", self.num_layers), ("num_decoder_layers", self.decoder_layers)):
+                if n % self.scan_period:
+                    fail(field, f"{n} layers do not split into scan steps of model.moe_every={self.moe_every} layers "
+                                f"(one MoE layer each); make it a multiple of {self.moe_every} or set "
+                                "model.scan_layers=False")
         return self
 
     def _validate_moe(self, fail):

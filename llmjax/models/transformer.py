@@ -67,14 +67,44 @@ class Block(nnx.Module):
         return x, cache
 
 
+def remat_policy(cfg: ModelConfig):
+    return {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[cfg.remat]
+
+
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+    """One module of the same kind whose every Variable holds the given modules' values stacked along a new
+    leading axis (logical axis 'layers'). Built from modules made one by one, so a scanned model starts from
+    exactly the parameters (and dropout streams) of its unrolled twin."""
+    graphdef, _ = nnx.split(modules[0])
+    states = [nnx.state(m) for m in modules]
+
+    def stack(*vs):
+        axes = vs[0].get_metadata().get("logical_axes")
+        extra = {} if axes is None else {"logical_axes": ("layers", *axes)}
+        return vs[0].replace(jnp.stack([v.get_value() for v in vs]), **extra)
+
+    return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 class Stack(nnx.Module):
     """N blocks with the stack-level pieces: T5 relative bias (computed once per forward, shared by all
-    layers) and the final norm of pre-norm models."""
+    layers) and the final norm of pre-norm models.
+
+    Unrolled (`layers`, one Block each) or scanned (`model.scan_layers`): `blocks` is one list of P blocks
+    (P = model.moe_every with experts, else 1) whose parameters are stacked along a leading 'layers' axis of
+    N / P, run by jax.lax.scan; layer i is slot i % P of step i // P. The compiled program then holds one
+    step's blocks, whatever the depth."""
 
     def __init__(self, cfg: ModelConfig, num_layers: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
         self.cfg, self.causal = cfg, causal
-        self.layers = nnx.List([Block(cfg, causal=causal, cross=cross, rngs=rngs, num_layers=num_layers,
-                                      layer_index=i) for i in range(num_layers)])
+        blocks = [Block(cfg, causal=causal, cross=cross, rngs=rngs, num_layers=num_layers, layer_index=i)
+                  for i in range(num_layers)]
+        if cfg.scan_layers:
+            p = cfg.scan_period
+            self.layers = None
+            self.blocks = stack_modules([nnx.List(blocks[u:u + p]) for u in range(0, num_layers, p)])
+        else:
+            self.layers, self.blocks = nnx.List(blocks), None
         self.relative_bias = (
             RelativePositionBias(cfg, bidirectional=not causal, rngs=rngs) if cfg.position == "relative" else None
         )
@@ -83,33 +113,89 @@ class Stack(nnx.Module):
 
     def __call__(self, x, layout: TokenLayout, *, context=None, caches=None, cross_caches=None, deterministic=True):
         """x [B, T, D] laid out as `layout` -> [B, T, D] (and the updated caches when given: decoding).
-        `context` [B, S, D] is the encoder output that cross-attention reads (laid out as layout.context)."""
+        `context` [B, S, D] is the encoder output that cross-attention reads (laid out as layout.context).
+        Caches are one KVCache per layer, or (scanned) one per slot of the scanned step, stacked over steps."""
         bias = None
         if self.relative_bias is not None:
             if self.cfg.attention_kernel == "blockwise":
                 bias = self.relative_bias  # evaluated per tile, never [T, S] at once
             else:
                 positions = layout.positions
-                kv_pos = positions if caches is None else caches[0].positions
+                first = None if caches is None else caches[0].layer(0)
+                kv_pos = positions if caches is None else first.positions
                 if caches is not None:  # the keys are the cache slots: their positions after this write
-                    kv_pos = jax.lax.dynamic_update_slice_in_dim(kv_pos, positions, caches[0].index, axis=1)
+                    kv_pos = jax.lax.dynamic_update_slice_in_dim(kv_pos, positions, first.index, axis=1)
                 bias = self.relative_bias(positions, kv_pos)  # [B, N, T, S], once for all layers
-        new_caches = []
-        for i, layer in enumerate(self.layers):
-            if caches is None and self.cfg.remat != "none":
-                x = self._remat_layer(layer, x, layout, bias, context, deterministic)
-                continue
-            x, c = layer(x, layout, bias=bias, context=context, cache=None if caches is None else caches[i],
-                         cross_cache=None if cross_caches is None else cross_caches[i], deterministic=deterministic)
-            new_caches.append(c)
+        if self.blocks is not None:
+            x, new_caches = self._scanned(x, layout, bias, context, caches, cross_caches, deterministic)
+        else:
+            new_caches = []
+            for i, layer in enumerate(self.layers):
+                if caches is None and self.cfg.remat != "none":
+                    x = self._remat_layer(layer, x, layout, bias, context, deterministic)
+                    continue
+                x, c = layer(x, layout, bias=bias, context=context, cache=None if caches is None else caches[i],
+                             cross_cache=None if cross_caches is None else cross_caches[i],
+                             deterministic=deterministic)
+                new_caches.append(c)
         if self.final_norm is not None:
             x = self.dropout(self.final_norm(x), deterministic=deterministic)
         return x, (new_caches if caches is not None else None)
 
+    def _scanned(self, x, layout, bias, context, caches, cross_caches, deterministic):
+        """The scanned stack: one jax.lax.scan step per P layers, under the remat policy when training."""
+        graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
+        bias_def = None
+        if isinstance(bias, nnx.Module):  # the blockwise kernel's bias function: its table enters as arrays
+            bias_def, bias = nnx.split(bias)
+
+        def step(x, xs):
+            unit_params, unit_rest, unit_caches, unit_cross = xs
+            unit = nnx.merge(graphdef, unit_params, unit_rest)
+            b = bias if bias_def is None else nnx.merge(bias_def, bias)
+            new = []
+            with collect_stats() as stats:  # MoE statistics leave the scan as outputs, stacked over steps
+                for j, block in enumerate(unit):
+                    x, c = block(x, layout, bias=b, context=context,
+                                 cache=None if unit_caches is None else unit_caches[j],
+                                 cross_cache=None if unit_cross is None else unit_cross[j], deterministic=deterministic)
+                    new.append(c)
+            # Out go the dropout streams, advanced when training, as plain arrays (Variables must not leave the
+            # trace); the parameters never change in a forward pass, so they are not copied out.
+            streams = None if deterministic else jax.tree.leaves(nnx.state(unit, nnx.Not(nnx.Param)))
+            return x, (streams, new if unit_caches is not None else None, stats)
+
+        if caches is None and self.cfg.remat != "none":
+            step = jax.checkpoint(step, policy=remat_policy(self.cfg), prevent_cse=False)
+        x, (streams, new_caches, stats) = jax.lax.scan(step, x, (params, rest, caches, cross_caches))
+        if streams is not None:
+            nnx.update(self.blocks, jax.tree.unflatten(jax.tree.structure(rest), streams))
+        for u in range(jax.tree.leaves(params)[0].shape[0] if stats else 0):  # as the unrolled stack records them
+            for s in stats:
+                record(jax.tree.map(lambda a, u=u: a[u], s))
+        return x, new_caches
+
+    def cross_caches(self, encoded, context: TokenLayout) -> list[KVCache]:
+        """Each decoder layer's cross-attention K/V of the encoder output (laid out as `context`), for decoding:
+        one KVCache per layer, or (scanned) one per slot stacked over the scan steps."""
+        if self.blocks is None:
+            return [layer.cross_attn.cross_cache(encoded, context) for layer in self.layers]
+        graphdef, state = nnx.split(self.blocks)
+        unit_caches = lambda st: [block.cross_attn.cross_cache(encoded, context) for block in nnx.merge(graphdef, st)]
+        return jax.vmap(unit_caches)(state)
+
+    def init_caches(self, batch: int, length: int) -> list[KVCache]:
+        """Empty self-attention caches: one per layer, or (scanned) one per slot stacked over the scan steps."""
+        c = self.cfg
+        empty = lambda: KVCache.empty(batch, length, c.kv_heads, c.head_size, jnp.dtype(c.dtype))
+        if self.blocks is None:
+            return [empty() for _ in self.layers]
+        steps = jax.tree.leaves(nnx.state(self.blocks))[0].shape[0]
+        return [jax.tree.map(lambda a: jnp.broadcast_to(a, (steps, *a.shape)), empty()) for _ in self.blocks]
+
     def _remat_layer(self, layer, x, layout, bias, context, deterministic):
         """One block under jax.checkpoint: its activations are recomputed in the backward pass.
         (Split/merge by hand: the layer's dropout RNG state must flow out of the checkpointed function.)"""
-        policy = {"full": None, "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[self.cfg.remat]
         graphdef, state = nnx.split(layer)
 
         def body(state, x, layout, bias, context):
@@ -124,7 +210,8 @@ class Stack(nnx.Module):
             body = lambda state, x, layout, bstate, context: inner(state, x, layout, nnx.merge(bias_def, bstate),
                                                                    context)
             bias = bias_state
-        out, leaves, stats = jax.checkpoint(body, policy=policy, prevent_cse=True)(state, x, layout, bias, context)
+        out, leaves, stats = jax.checkpoint(body, policy=remat_policy(self.cfg), prevent_cse=True)(
+            state, x, layout, bias, context)
         nnx.update(layer, jax.tree.unflatten(jax.tree.structure(state), leaves))
         for s in stats:
             record(s)
@@ -210,8 +297,7 @@ class DecoderOnly(nnx.Module):
         return self.decoder(x, layout, caches=cache, deterministic=deterministic)
 
     def init_cache(self, batch: int, length: int) -> list[KVCache]:
-        c = self.cfg
-        return [KVCache.empty(batch, length, c.kv_heads, c.head_size, jnp.dtype(c.dtype)) for _ in range(c.num_layers)]
+        return self.decoder.init_caches(batch, length)
 
 
 class EncoderOnly(nnx.Module):
@@ -302,12 +388,8 @@ class EncoderDecoder(nnx.Module):
 
     def init_cache(self, batch: int, length: int, encoded, encoder_segment_ids=None, encoder_positions=None):
         """Empty self-attention caches and the cross-attention K/V of `encoded`, computed once."""
-        c = self.cfg
         context = TokenLayout.of(encoded[..., 0], encoder_segment_ids, encoder_positions)
-        self_caches = [KVCache.empty(batch, length, c.kv_heads, c.head_size, jnp.dtype(c.dtype))
-                       for _ in range(c.decoder_layers)]
-        cross = [layer.cross_attn.cross_cache(encoded, context) for layer in self.decoder.layers]
-        return self_caches, cross
+        return self.decoder.init_caches(batch, length), self.decoder.cross_caches(encoded, context)
 
 
 FAMILY_CLASSES = {"decoder": DecoderOnly, "encoder": EncoderOnly, "encoder_decoder": EncoderDecoder}
