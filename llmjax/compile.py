@@ -10,6 +10,7 @@ shared with benchmarks/throughput.py.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fcntl
 import importlib.util
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -32,7 +34,7 @@ from llmjax.config import objective_config_for
 from llmjax.data import pipeline
 from llmjax.data.vocab import SpecialIds
 from llmjax.kernels.dispatch import resolve_kernel
-from llmjax.models.config import ModelConfig
+from llmjax.models.config import ConfigError, ModelConfig
 from llmjax.models.flops import train_flops
 from llmjax.objectives import make_objective
 from llmjax.objectives.loss import objective_loss
@@ -261,17 +263,73 @@ _ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
 _DTYPE_BYTES = {"pred": 1, "bf16": 2}
 
 
-def collective_bytes(hlo_text: str) -> int:
-    """Bytes one device moves in the collectives of a compiled HLO module: the result size of each
-    all-gather / reduce-scatter / all-to-all / permute, twice that of an all-reduce (reduce + broadcast)."""
-    total = 0
+def _shape_bytes(text: str) -> int:
+    size = 0
+    for dt, dims in _ARRAY.findall(text):
+        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        size += n * _DTYPE_BYTES.get(dt, max(int(re.sub(r"\D", "", dt) or 8) // 8, 1))
+    return size
+
+
+_GROUPS = re.compile(r"(?:replica_groups|source_target_pairs)=(\{[\d,{}]*\}|\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?)")
+
+
+def replica_groups(text: str) -> list[list[int]] | None:
+    """The device groups of an HLO collective's `replica_groups` ({{0,1},{2,3}}, or the iota form
+    [2,4]<=[4,2]T(1,0)) or a permute's `source_target_pairs`; [] for one group of all devices, None if absent."""
+    m = _GROUPS.search(text)
+    if m is None:
+        return None
+    g = m.group(1)
+    if g.startswith("{"):
+        return [[int(x) for x in grp.split(",") if x] for grp in re.findall(r"\{([\d,]*)\}", g[1:-1])]
+    shape, dims, perm = re.fullmatch(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", g).groups()
+    ids = np.arange(math.prod(int(d) for d in dims.split(","))).reshape([int(d) for d in dims.split(",")])
+    if perm:
+        ids = ids.transpose([int(p) for p in perm.split(",")])
+    return ids.reshape([int(d) for d in shape.split(",")]).tolist()
+
+
+def collectives(hlo_text: str) -> list[tuple[str, int, list[list[int]] | None]]:
+    """(kind, bytes one device moves, device groups) of each collective of a compiled HLO module: the result size
+    of an all-gather / reduce-scatter / all-to-all / permute, twice that of an all-reduce (reduce + broadcast)."""
+    out = []
+    hlo_text = _INDEX_COMMENT.sub("", hlo_text)  # long tuples carry /*index=5*/ comments
     for m in _COLLECTIVE.finditer(hlo_text):
-        size = 0
-        for dt, dims in _ARRAY.findall(m.group(1)):
-            n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-            size += n * _DTYPE_BYTES.get(dt, max(int(re.sub(r"\D", "", dt) or 8) // 8, 1))
-        total += size * (2 if m.group(2) == "all-reduce" else 1)
-    return total
+        line_end = hlo_text.find("\n", m.end())
+        rest = hlo_text[m.end(): line_end if line_end >= 0 else len(hlo_text)]
+        size = _shape_bytes(m.group(1)) * (2 if m.group(2) == "all-reduce" else 1)
+        out.append((m.group(2), size, replica_groups(rest)))
+    return out
+
+
+def collective_bytes(hlo_text: str) -> int:
+    """Bytes one device moves in the collectives of a compiled HLO module (see `collectives`)."""
+    return sum(size for _, size, _ in collectives(hlo_text))
+
+
+_INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
+# A TPU program of several slices reaches the other slices through the data-centre network's runtime (Megascale):
+# each transfer is a host `send` naming its collective.
+_DCN_SEND = re.compile(r"=\s*\((.*?)\)\s+send\(.*_xla_megascale_transfer_type=\"(\w+)\"")
+
+
+def cross_slice_collectives(hlo_text: str, slice_of: Sequence[int]) -> list[tuple[str, int]]:
+    """(kind, bytes one device sends) of the collectives that cross slices: the data-centre-network transfers of
+    a multi-slice TPU program, and collectives whose device groups span slices (`slice_of[i]`: the slice of the
+    program's device i, the mesh's devices in order)."""
+    out = []
+    for m in _DCN_SEND.finditer(_INDEX_COMMENT.sub("", hlo_text)):
+        data = _ARRAY.search(m.group(1))  # the tuple is (data, u32[] context, token[])
+        out.append((m.group(2).lower().replace("_", "-"), _shape_bytes(data.group(0)) if data else 0))
+    for kind, size, groups in collectives(hlo_text):
+        if groups == []:  # one group of every device
+            groups = [list(range(len(slice_of)))]
+        if groups is None:
+            continue
+        if any(len({slice_of[d] for d in grp}) > 1 for grp in groups):
+            out.append((kind, size))
+    return out
 
 
 def _itemsize(dtype) -> int:
@@ -291,13 +349,49 @@ def _total_bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * _itemsize(x.dtype) for x in jax.tree.leaves(tree))
 
 
-def compile_for_topology(cfg, topology: Topology, *, kernel: str | None = None) -> dict:
-    """Compile `cfg`'s train step for `topology` and return the report (a JSON-able dict)."""
+def _program_costs(cfg, model_cfg, devices) -> np.ndarray:
+    """[FLOPs, bytes accessed, collective bytes] per device of cfg's train step for `model_cfg`."""
+    parts = build_train_step(cfg, devices, model_cfg=model_cfg)
+    with jax.set_mesh(parts.mesh):
+        compiled = parts.step.lower(parts.abstract_state, parts.batch_spec).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return np.array([float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
+                     float(collective_bytes(compiled.as_text()))])
+
+
+def _unrolled_costs(cfg, model_cfg, devices) -> tuple[float, float, float]:
+    """The per-device costs of a scanned model's step as if unrolled: XLA's cost analysis counts a loop's body
+    once, so they come from unrolled twins of one and two scan steps per stack, extrapolated linearly in depth
+    (every step of a stack costs the same)."""
+    p = model_cfg.scan_period
+    encdec = model_cfg.family == "encoder_decoder"
+
+    def twin(enc: int, dec: int) -> np.ndarray:
+        return _program_costs(cfg, model_cfg.replace(scan_layers=False, num_layers=enc,
+                                                     num_decoder_layers=dec if encdec else None), devices)
+
+    base = twin(p, p)
+    total = base + (model_cfg.num_layers // p - 1) * (twin(2 * p, p) - base)
+    if encdec:
+        total += (model_cfg.decoder_layers // p - 1) * (twin(p, 2 * p) - base)
+    return tuple(float(x) for x in total)
+
+
+def compile_for_topology(cfg, topology: Topology, *, kernel: str | None = None, num_slices: int = 1) -> dict:
+    """Compile `cfg`'s train step for `num_slices` slices of `topology` (joined by the data-centre network; the
+    mesh's dcn_* axes say which axes span them) and return the report (a JSON-able dict)."""
 
     model_cfg = ModelConfig.from_dict(cfg.model)
     model_cfg = model_cfg.replace(attention_kernel=resolve_kernel(kernel or model_cfg.attention_kernel, "tpu"))
-    devices = topologies.get_topology_desc(topology.jax_name, "tpu").devices
-    per_chip = len(devices) // topology.chips  # v4 topologies expose each TensorCore as a device
+    slices = math.prod(shd.dcn_shape(cfg.mesh).values())
+    if slices != num_slices:
+        raise ConfigError(f"--num-slices {num_slices}: the mesh's dcn_* axes multiply to {slices} slices; set them "
+                          f"so they multiply to {num_slices} (e.g. --config.mesh.dcn_data={num_slices})")
+    extra = {"num_slices": num_slices} if num_slices > 1 else {}
+    devices = topologies.get_topology_desc(topology.jax_name, "tpu", **extra).devices
+    chips = topology.chips * num_slices
+    per_chip = len(devices) // chips  # v4 topologies expose each TensorCore as a device
     chip = CHIPS[topology.generation]
     parts = build_train_step(cfg, devices, model_cfg=model_cfg)
     state = parts.abstract_state
@@ -325,10 +419,18 @@ def compile_for_topology(cfg, topology: Topology, *, kernel: str | None = None) 
         temp = max(temp, int(getattr(mem, "peak_memory_in_bytes", 0) or 0) - (arg + out - alias))
         flops_dev = float(cost.get("flops", 0.0))
         bytes_dev = float(cost.get("bytes accessed", 0.0))
+        hlo = compiled.as_text()
+        coll_dev = collective_bytes(hlo)
+        cost_s = 0.0
+        if model_cfg.scan_layers:  # the compiler's counts see a loop's body once: extrapolate from unrolled twins
+            t1 = time.perf_counter()
+            flops_dev, bytes_dev, coll_dev = _unrolled_costs(cfg, model_cfg, devices)
+            cost_s = time.perf_counter() - t1
     else:  # what the compiler's message says it needed; the state is known exactly
         arg = out = alias = params_b + opt_b + other_b
         temp, code = _temporaries_from_oom(oom, hbm=chip["hbm"] / per_chip, state=arg), 0
-        flops_dev = bytes_dev = 0.0
+        flops_dev = bytes_dev = coll_dev = cost_s = 0.0
+        hlo = ""
     peak_dev = arg + out - alias + temp + code
     peak_chip = peak_dev * per_chip
     peak_flops = chip["peak"]
@@ -337,9 +439,10 @@ def compile_for_topology(cfg, topology: Topology, *, kernel: str | None = None) 
     # model FLOPs: the cost analysis does not see inside Pallas kernels), HBM traffic at the HBM bandwidth,
     # collectives (summed from the compiled HLO) at the ICI bandwidth. Their sum assumes no overlap (a
     # conservative estimate); their maximum assumes perfect overlap (an optimistic bound).
-    t_compute = max(flops_dev * per_chip, model_flops / topology.chips) / peak_flops
+    t_compute = max(flops_dev * per_chip, model_flops / chips) / peak_flops
     t_memory = bytes_dev * per_chip / HBM_BANDWIDTH[topology.generation]
-    coll_dev = collective_bytes(compiled.as_text()) if compiled is not None else 0
+    # Between slices (over the data-centre network, not ICI): the collectives whose groups span slices.
+    cross = cross_slice_collectives(hlo, [d.slice_index for d in parts.mesh.devices.flat]) if num_slices > 1 else []
     t_comm = coll_dev * per_chip / ICI_BANDWIDTH[topology.generation]
     step_s = t_compute + t_memory + t_comm
     best_s = max(t_compute, t_memory, t_comm)
@@ -350,8 +453,9 @@ def compile_for_topology(cfg, topology: Topology, *, kernel: str | None = None) 
             "batch_size": int(cfg.train.batch_size), "micro_batches": int(cfg.train.micro_batches),
             "lengths": {k: list(s.shape) for k, s in parts.batch_spec.items() if len(s.shape) == 2 and (
                 k.endswith("inputs"))}},
-        "topology": {"name": topology.jax_name, "generation": topology.generation, "chips": topology.chips,
-                     "devices": len(devices), "hbm_per_chip_bytes": chip["hbm"], "peak_bf16_flops_per_chip": peak_flops},
+        "topology": {"name": topology.jax_name, "generation": topology.generation, "chips": chips,
+                     "slices": num_slices, "devices": len(devices), "hbm_per_chip_bytes": chip["hbm"],
+                     "peak_bf16_flops_per_chip": peak_flops},
         "mesh": {k: int(v) for k, v in parts.mesh.shape.items()},
         "memory_per_chip_bytes": {
             "parameters": params_b * per_chip, "optimizer_state": opt_b * per_chip, "other_state": other_b * per_chip,
@@ -363,14 +467,17 @@ def compile_for_topology(cfg, topology: Topology, *, kernel: str | None = None) 
         "cost_per_chip": {"flops": flops_dev * per_chip, "bytes_accessed": bytes_dev * per_chip},
         "model_flops_per_step": model_flops,
         "collective_bytes_per_chip": coll_dev * per_chip,
+        "cross_slice": {"bytes_per_chip": sum(b for _, b in cross) * per_chip,
+                        "collectives": dict(sorted(collections.Counter(kind for kind, _ in cross).items()))},
         "time_s": {"compute": t_compute, "hbm": t_memory, "ici": t_comm},
         "estimated_step_s": step_s,
         "bound": max(("compute", t_compute), ("memory", t_memory), ("communication", t_comm), key=lambda x: x[1])[0],
-        "estimated_mfu": model_flops / (step_s * peak_flops * topology.chips) if flops_dev else None,
-        "mfu_upper_bound": model_flops / (best_s * peak_flops * topology.chips) if flops_dev else None,
+        "estimated_mfu": model_flops / (step_s * peak_flops * chips) if flops_dev else None,
+        "mfu_upper_bound": model_flops / (best_s * peak_flops * chips) if flops_dev else None,
         "tokens_per_step": int(cfg.train.batch_size) * sum(
             s.shape[1] for k, s in parts.batch_spec.items() if k in ("inputs", "encoder_inputs", "decoder_inputs")),
         "compile_s": compile_s,
+        "cost_compile_s": cost_s,  # scanned stacks: compiling the unrolled twins the costs come from
         "compiler_error": None if compiled is not None else oom.strip().splitlines()[-1][:500],
     }
     report["suggestions"] = [] if report["fits"] else suggestions(report, cfg)
@@ -453,8 +560,11 @@ def format_report(r: dict) -> str:
         f"{c['family']} model, {c['parameters'] / 1e9:.3f}B parameters, {c['dtype']} compute, remat {c['remat']}, "
         f"attention {c['attention_kernel']}; batch {c['batch_size']} x {lengths} tokens"
         + (f", {c['micro_batches']} micro-batches" if c["micro_batches"] > 1 else ""),
-        f"topology {t['name']}: {t['chips']} chips ({t['devices']} devices); mesh "
-        + " x ".join(f"{k}={v}" for k, v in r["mesh"].items()) + f"; compiled in {r['compile_s']:.1f} s",
+        f"topology {t['name']}" + (f" x {t['slices']} slices" if t.get("slices", 1) > 1 else "")
+        + f": {t['chips']} chips ({t['devices']} devices); mesh "
+        + " x ".join(f"{k}={v}" for k, v in r["mesh"].items()) + f"; compiled in {r['compile_s']:.1f} s"
+        + (f" (scanned layers; their costs from unrolled twins of 1 and 2 steps, {r['cost_compile_s']:.1f} s)"
+           if r.get("cost_compile_s") else ""),
         "memory per chip:",
         f"  parameters          {g(m['parameters'])}",
         f"  optimizer state     {g(m['optimizer_state'])}",
@@ -469,7 +579,10 @@ def format_report(r: dict) -> str:
         lines += [
             f"compiler cost per chip: {r['cost_per_chip']['flops']:.3g} FLOPs, "
             f"{r['cost_per_chip']['bytes_accessed']:.3g} bytes accessed per step",
-            f"collectives per chip: {r['collective_bytes_per_chip']:.3g} bytes per step",
+            f"collectives per chip: {r['collective_bytes_per_chip']:.3g} bytes per step"
+            + (f", of which {r['cross_slice']['bytes_per_chip']:.3g} cross slices over the data-centre network ("
+               + ", ".join(f"{n} {k}" for k, n in r["cross_slice"]["collectives"].items()) + ")"
+               if t.get("slices", 1) > 1 else ""),
             f"estimated step time {r['estimated_step_s'] * 1e3:.1f} ms = compute {r['time_s']['compute'] * 1e3:.1f} "
             f"(at {t['peak_bf16_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 per chip) + HBM {r['time_s']['hbm'] * 1e3:.1f} "
             f"+ ICI {r['time_s']['ici'] * 1e3:.1f} ms, no overlap assumed ({r['bound']} dominates)",

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llmjax.models.config import ConfigError
@@ -36,10 +36,15 @@ DEFAULT_RULES = (
 )
 
 
+DCN_AXES = tuple(f"dcn_{a}" for a in MESH_AXES)
+
+
 def mesh_config(**sizes) -> ml_collections.ConfigDict:
-    """The `mesh` section: a size per axis; one size may be -1 to take the remaining devices."""
+    """The `mesh` section: a size per axis within a slice (one size may be -1 to take the remaining devices),
+    and `dcn_<axis>`, how many slices that axis spans over the data-centre network (1 = none)."""
     d = {a: 1 for a in MESH_AXES}
     d.update(data=-1)
+    d.update({a: 1 for a in DCN_AXES})
     d.update(sizes)
     return ml_collections.ConfigDict(d)
 
@@ -49,41 +54,88 @@ def sharding_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"rules": [list(r) for r in DEFAULT_RULES]})
 
 
+def dcn_shape(mesh_cfg) -> dict[str, int]:
+    """{axis: slices it spans} (mesh.dcn_<axis>; configs from before multi-slice meshes have none: 1)."""
+    out = {}
+    for a in MESH_AXES:
+        s = mesh_cfg.get(f"dcn_{a}", 1)
+        if not isinstance(s, int) or s < 1:
+            raise ConfigError(f"mesh.dcn_{a}: the number of slices the {a!r} axis spans must be a positive integer, "
+                              f"got {s!r}")
+        out[a] = s
+    return out
+
+
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
-    sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
-    unknown = set(mesh_cfg.keys()) - set(MESH_AXES)
+    """{axis: size within one slice} for `num_devices` devices in all (mesh.dcn_* slices of equal size)."""
+    unknown = set(mesh_cfg.keys()) - set(MESH_AXES) - set(DCN_AXES)
     if unknown:
-        raise ConfigError(f"mesh: unknown axis {sorted(unknown)}; the mesh axes are {', '.join(MESH_AXES)}")
+        raise ConfigError(f"mesh: unknown axis {sorted(unknown)}; the mesh axes are {', '.join(MESH_AXES)} (and "
+                          f"{', '.join(DCN_AXES)} for the slices)")
+    slices = math.prod(dcn_shape(mesh_cfg).values())
+    if num_devices % slices:
+        raise ConfigError(f"mesh: the dcn_* axes ask for {slices} slices, which does not divide the {num_devices} "
+                          "devices; set them so their product is the number of slices")
+    num_devices //= slices
+    sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
     fill = [a for a, s in sizes.items() if s == -1]
     if len(fill) > 1:
         raise ConfigError(f"mesh: at most one axis may be -1, got {', '.join('mesh.' + a for a in fill)}")
     for a, s in sizes.items():
         if s == 0 or s < -1:
             raise ConfigError(f"mesh.{a}: size must be a positive integer or -1, got {s}")
+    where = f"{num_devices} devices" + (f" of each of the {slices} slices" if slices > 1 else "")
     known = math.prod(s for s in sizes.values() if s != -1)
     if fill:
         if num_devices % known:
             raise ConfigError(
                 f"mesh: the fixed axes ({', '.join(f'{a}={s}' for a, s in sizes.items() if s != -1)}) multiply to "
-                f"{known}, which does not divide the {num_devices} devices; change them so their product divides "
-                f"{num_devices}")
+                f"{known}, which does not divide the {where}; change them so their product divides {num_devices}")
         sizes[fill[0]] = num_devices // known
     elif known != num_devices:
         raise ConfigError(
-            f"mesh: {' x '.join(f'{a}={s}' for a, s in sizes.items())} = {known} devices, but {num_devices} are "
-            f"available; make the product {num_devices} or set one axis (e.g. mesh.data) to -1")
+            f"mesh: {' x '.join(f'{a}={s}' for a, s in sizes.items())} = {known} devices, but there are {where}; "
+            f"make the product {num_devices} or set one axis (e.g. mesh.data) to -1")
     return sizes
 
 
+def _slices(devices: list, n: int) -> list[list]:
+    """The devices of each of n slices: by the TPU's slice_index, or (devices without one: CPUs, GPUs) in n
+    equal groups of consecutive processes' devices, which is how hosts are grouped then."""
+    if all(hasattr(d, "slice_index") for d in devices):
+        found = sorted({d.slice_index for d in devices})
+        if len(found) != n:
+            raise ConfigError(f"mesh: the dcn_* axes ask for {n} slices, but the devices are in {len(found)}; set "
+                              f"their product to {len(found)}")
+        return [[d for d in devices if d.slice_index == s] for s in found]
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    per = len(ordered) // n
+    return [ordered[i * per:(i + 1) * per] for i in range(n)]
+
+
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The device mesh of the `mesh` section. With slices (mesh.dcn_*), each axis is dcn x ici long and only the
+    dcn part crosses slices: a device's index along an axis is its slice's index times the ici size plus its
+    index within the slice."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = resolve_mesh_shape(mesh_cfg, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
+    sizes, dcn = resolve_mesh_shape(mesh_cfg, len(devices)), dcn_shape(mesh_cfg)
     # Auto axes: XLA propagates shardings through reshapes and einsums (GSPMD), the model stays mesh-agnostic.
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    ici_shape, dcn_shape_ = tuple(sizes[a] for a in MESH_AXES), tuple(dcn[a] for a in MESH_AXES)
+    if math.prod(dcn_shape_) > 1:
+        groups = _slices(devices, math.prod(dcn_shape_))
+        if all(hasattr(d, "slice_index") for d in devices):  # TPU slices: JAX places each slice by its topology
+            grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape_, devices, allow_split_physical_axes=True)
+            return Mesh(grid, MESH_AXES, axis_types=auto)
+        grid = np.empty(tuple(i * d for i, d in zip(ici_shape, dcn_shape_)), dtype=object)
+        for s, group in enumerate(groups):
+            at = np.unravel_index(s, dcn_shape_)
+            block = tuple(slice(k * i, (k + 1) * i) for k, i in zip(at, ici_shape))
+            grid[block] = np.asarray(group, dtype=object).reshape(ici_shape)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
     if devices == list(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+        return jax.make_mesh(ici_shape, MESH_AXES, devices=devices, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(ici_shape), MESH_AXES, axis_types=auto)
 
 
 def rules_dict(rules: Iterable) -> dict[str, Any]:

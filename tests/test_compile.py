@@ -58,6 +58,21 @@ def test_topology_names():
         comp.parse_topology("tpu7")
 
 
+def test_replica_groups_and_cross_slice_collectives_are_read():
+    assert comp.replica_groups("x, replica_groups={{0,1},{2,3}}, to_apply=add") == [[0, 1], [2, 3]]
+    assert comp.replica_groups("x, replica_groups=[2,4]<=[8], dimensions={0}") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert comp.replica_groups("x, replica_groups=[4,2]<=[2,4]T(1,0), y") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert comp.replica_groups("x, source_target_pairs={{0,1},{1,0}}") == [[0, 1], [1, 0]]
+    assert comp.replica_groups("x, replica_groups={}, to_apply=add") == []
+    hlo = ("  a = f32[1024]{0} all-reduce(f32[1024]{0} g), channel_id=1, replica_groups=[4,2]<=[2,4]T(1,0), "
+           "use_global_device_ids=true, to_apply=add\n"
+           "  b = f32[64,8]{1,0} all-gather(f32[16,8]{1,0} p), channel_id=2, replica_groups=[2,4]<=[8], "
+           "dimensions={0}, use_global_device_ids=true\n")
+    slice_of = [0, 0, 0, 0, 1, 1, 1, 1]  # devices 0-3 in slice 0, 4-7 in slice 1
+    assert comp.cross_slice_collectives(hlo, slice_of) == [("all-reduce", 2 * 1024 * 4)]
+    assert comp.collective_bytes(hlo) == 2 * 1024 * 4 + 64 * 8 * 4
+
+
 def test_collectives_and_compiler_oom_message_are_read():
     hlo = ("%ag = bf16[2048,8192]{1,0} all-gather(bf16[32,8192]{1,0} %p), dimensions={0}\n"
            "%ar = f32[16]{0} all-reduce(f32[16]{0} %x), to_apply=%add\n"
@@ -188,6 +203,41 @@ def test_fsdp_over_four_chips_holds_a_quarter_of_the_parameters():
     replicated, sharded = mem[1], mem[4]
     for part in ("parameters", "optimizer_state"):
         assert 0.24 < sharded[part] / replicated[part] < 0.27, (part, sharded[part], replicated[part])
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("compile_gpt_tiny")
+def test_a_scanned_stack_reports_the_costs_of_the_unrolled_one():
+    """XLA's cost analysis counts a loop's body once; the report extrapolates a scanned model's FLOPs, HBM bytes
+    and collectives from unrolled twins of 1 and 2 layers, so its estimate matches the unrolled model's."""
+    _, unrolled = run_compile(*DEFAULT_ARGS["gpt_tiny"])
+    out, scanned = run_compile(*DEFAULT_ARGS["gpt_tiny"], "--config.model.scan_layers=True")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert scanned["cost_compile_s"] > 0 and "unrolled twins" in out.stdout
+    for key in ("flops", "bytes_accessed"):
+        a, b = unrolled["cost_per_chip"][key], scanned["cost_per_chip"][key]
+        assert abs(b - a) < 0.05 * a, (key, a, b)
+    assert scanned["estimated_step_s"] == pytest.approx(unrolled["estimated_step_s"], rel=0.05)
+    assert scanned["memory_per_chip_bytes"]["parameters"] == unrolled["memory_per_chip_bytes"]["parameters"]
+
+
+@pytest.mark.slow
+def test_two_slices_exchange_only_the_gradient_reduction_over_the_data_centre_network():
+    """Two v5e:2x2 slices, the state sharded over the 4 chips of each slice (fsdp) and the data split across the
+    slices (dcn_data=2): what crosses slices is the all-reduce of each chip's gradient shard (and the loss's
+    scalars), nothing else."""
+    out, r = run_compile(*DEFAULT_ARGS["gpt_tiny"], "--num-slices", "2", "--config.mesh.dcn_data=2",
+                         "--config.mesh.data=1", "--config.mesh.fsdp=-1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert r["topology"]["chips"] == 8 and r["topology"]["slices"] == 2
+    assert (r["mesh"]["data"], r["mesh"]["fsdp"]) == (2, 4), r["mesh"]
+    cross = r["cross_slice"]
+    assert set(cross["collectives"]) == {"all-reduce"}, cross
+    # Each chip sends about its gradient shard, which has the parameter shard's size (float32 both).
+    grads = r["memory_per_chip_bytes"]["parameters"]
+    assert grads <= cross["bytes_per_chip"] <= 1.25 * grads, (cross, grads)
+    assert cross["bytes_per_chip"] < r["collective_bytes_per_chip"] / 2  # the fsdp gathers stay in the slice
+    assert "cross slices over the data-centre network" in out.stdout
 
 
 @pytest.mark.slow

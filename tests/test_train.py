@@ -85,6 +85,20 @@ def test_one_device_equals_eight_devices_data_fsdp_tensor():
     assert wi.addressable_shards[0].data.shape == (2, 16, 32)
 
 
+def test_slices_span_only_their_dcn_axes():
+    """mesh.dcn_data=2 on 8 devices (CPUs have no slices: consecutive devices stand for them): the data axis is
+    2 slices x 2 within each, and each slice holds whole fsdp x tensor groups."""
+    mesh = shd.make_mesh(shd.mesh_config(data=2, fsdp=2, dcn_data=2))
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1, "expert": 1}
+    slice_of = {d.id: d.id // 4 for d in jax.devices()}
+    grid = np.vectorize(lambda d: slice_of[d.id])(mesh.devices)
+    assert (grid[:2] == 0).all() and (grid[2:] == 1).all()  # only the data axis crosses slices
+    with pytest.raises(ConfigError, match="mesh: the dcn_\\* axes ask for 3 slices"):
+        shd.make_mesh(shd.mesh_config(dcn_fsdp=3))
+    with pytest.raises(ConfigError, match="mesh.dcn_data: the number of slices"):
+        shd.make_mesh(shd.mesh_config(dcn_data=0))
+
+
 def _bytes(tree):
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree) if hasattr(x, "addressable_shards"))
 

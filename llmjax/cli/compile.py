@@ -24,6 +24,8 @@ def _define(fv):
     flags.DEFINE_string("kernel", None, "attention kernel to compile with (default: the config's; 'auto' = splash)",
                         flag_values=fv)
     flags.DEFINE_string("json", None, "also write the report to this JSON file", flag_values=fv)
+    flags.DEFINE_integer("num_slices", 1, "slices of TOPOLOGY joined by the data-centre network (multi-slice); the "
+                         "config's mesh.dcn_* axes must multiply to it", lower_bound=1, flag_values=fv)
 
 
 def main(args: list[str]) -> int:
@@ -41,7 +43,8 @@ def main(args: list[str]) -> int:
         jax.config.update("jax_platforms", "cpu")
     # Compiling touches no TPU, so several compiles may share the machine (libtpu otherwise takes a lock).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    report = compile_for_topology(fv.config, topology, kernel=fv.kernel)  # ConfigError: one line in cli.main
+    # A ConfigError becomes one line in cli.main.
+    report = compile_for_topology(fv.config, topology, kernel=fv.kernel, num_slices=fv.num_slices)
     print(format_report(report))
     if fv.json:
         Path(fv.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llmjax import sharding as shd
 from llmjax.kernels import dispatch
 from llmjax.models.config import ACTIVATIONS, ModelConfig
 
@@ -168,17 +169,43 @@ def linear_group(x: jax.Array, layers: Sequence[Linear]) -> list[jax.Array]:
     return out
 
 
+def sharded_take(table: jax.Array, ids: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """table[ids] for a table with logical `axes` and batch-sharded ids [B, ...], under a step's mesh as one
+    shard_map: each device gathers the table (as FSDP gathers every weight) and looks up its own rows. Its
+    backward pass is a local scatter-add and a reduction of the table's gradient over the devices, as for
+    every other weight; left to GSPMD, the scatter-add would gather every row's gradient [B, T, D] from all
+    batch shards (across slices too). Outside a mesh (decoding, tests): jnp.take."""
+    layout = shd.current_layout()
+    if layout is None:
+        return jnp.take(table, ids, axis=0)
+    mesh, rules = layout
+    batch_axes = tuple(a for a in shd.BATCH_AXES if mesh.shape[a] > 1)
+    if not batch_axes or ids.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
+        return jnp.take(table, ids, axis=0)
+    spec = shd.logical_to_spec(axes, table.shape, rules, mesh)
+
+    def local(t, i):
+        for dim, names in enumerate(spec):
+            if names is not None:
+                t = jax.lax.all_gather(t, names, axis=dim, tiled=True)
+        return jnp.take(t, i, axis=0)
+
+    rows = jax.sharding.PartitionSpec(batch_axes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, rows), out_specs=rows)(table, ids)
+
+
 class Embed(nnx.Module):
     """A [num, D] table: lookup by id, and `attend` for logits tied to the table."""
 
     def __init__(self, num: int, dim: int, *, axes=("vocab", "embed"), init_std: float, dtype, param_dtype, rngs):
         self.dtype = dtype_of(dtype)
+        self.axes = tuple(axes)
         self.embedding = nnx.Param(
-            normal_init(init_std)(rngs.params(), (num, dim), dtype_of(param_dtype)), logical_axes=tuple(axes)
+            normal_init(init_std)(rngs.params(), (num, dim), dtype_of(param_dtype)), logical_axes=self.axes
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, D]
-        return shard_batch(jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype))
+        return shard_batch(sharded_take(self.embedding[...], ids, self.axes).astype(self.dtype))
 
     def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, V]
         table = self.embedding[...].astype(self.dtype)
