@@ -120,7 +120,8 @@ def build_train_step(cfg, devices=None, model_cfg=None) -> StepParts:
     model_cfg = model_cfg or ModelConfig.from_dict(cfg.model)
     mesh = shd.make_mesh(cfg.mesh, devices)
     rules = shd.rules_dict(cfg.sharding.rules)
-    shd.validate_layout(model_cfg, mesh, int(cfg.train.batch_size), int(cfg.train.micro_batches))
+    shd.validate_layout(model_cfg, mesh, int(cfg.train.batch_size), int(cfg.train.micro_batches),
+                        int(cfg.train.seq_length))
     tx = make_optimizer(cfg.optim, int(cfg.train.steps))
     lr = learning_rate_schedule(cfg.optim, int(cfg.train.steps))
     graphdef, abstract, state_sh = init_state_abstract(model_cfg, tx, mesh, rules, int(cfg.train.seed))

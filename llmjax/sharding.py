@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llmjax.models.config import ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")  # context: the sequence dimension of activations
 # Batch rows are split over every axis that holds a different slice of the data.
 BATCH_AXES = ("data", "fsdp", "expert")
 DEFAULT_RULES = (
@@ -77,7 +77,7 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
         raise ConfigError(f"mesh: the dcn_* axes ask for {slices} slices, which does not divide the {num_devices} "
                           "devices; set them so their product is the number of slices")
     num_devices //= slices
-    sizes = {a: int(mesh_cfg[a]) for a in MESH_AXES}
+    sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}  # a config from before an axis existed: size 1
     fill = [a for a, s in sizes.items() if s == -1]
     if len(fill) > 1:
         raise ConfigError(f"mesh: at most one axis may be -1, got {', '.join('mesh.' + a for a in fill)}")
@@ -260,8 +260,14 @@ def batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def validate_layout(model_cfg, mesh: Mesh, global_batch_size: int, micro_batches: int = 1):
+def validate_layout(model_cfg, mesh: Mesh, global_batch_size: int, micro_batches: int = 1,
+                    seq_length: int | None = None):
     """Fail at start, with the fix, on layouts that cannot work."""
+    c = mesh.shape.get("context", 1)
+    if seq_length is not None and c > 1 and seq_length % c:
+        raise ConfigError(
+            f"train.seq_length={seq_length} is not divisible by mesh.context={c}; context parallelism splits every "
+            f"sequence into {c} equal parts: use a length that is a multiple of {c}")
     n = batch_shards(mesh)
     per_micro = global_batch_size // max(micro_batches, 1)
     if global_batch_size % max(micro_batches, 1):

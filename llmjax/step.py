@@ -55,7 +55,8 @@ def make_train_step(graphdef, tx, state_sh, batch_sh, *, micro_batches: int = 1,
     loss_fn(model, batch, *, label_smoothing, z_loss, deterministic) -> (total, {part: LossSums}) and
     weights_fn(batch) -> {part: total weight} replace model_loss / the token weights for other tasks
     (fine-tuning heads); a part named "lm" is reported as loss/accuracy/tokens, others as <part>_loss etc.
-    `rules` (logical axis -> mesh axis) let modules constrain activations (MoE expert parallelism)."""
+    `rules` (logical axis -> mesh axis) let modules see the mesh: MoE expert parallelism, context parallelism
+    and the sharded embedding lookup; without them those run as GSPMD places them."""
     loss_fn = with_router_losses(loss_fn or family_loss)
     weights_fn = weights_fn or token_weights
     mesh = jax.tree.leaves(batch_sh)[0].mesh if rules is not None else None

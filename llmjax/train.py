@@ -65,7 +65,7 @@ def train_and_evaluate(cfg, workdir, *, progress: bool = True, init_from=None) -
     check_run_config(cfg, model_cfg)
     # The mesh against the devices and the batch against the mesh, before the lock and the data preparation.
     mesh = shd.make_mesh(cfg.mesh)
-    shd.validate_layout(model_cfg, mesh, cfg.train.batch_size, cfg.train.micro_batches)
+    shd.validate_layout(model_cfg, mesh, cfg.train.batch_size, cfg.train.micro_batches, cfg.train.seq_length)
     initial = None
     if init_from is not None and ckpt_lib.Checkpoints(workdir).steps():
         log.info("%s has checkpoints: resuming them; --init-from %s is not used", workdir, init_from)

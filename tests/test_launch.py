@@ -317,6 +317,29 @@ def test_k8s_jobset_manifest_validates(accel, tmp_path):
         assert c["resources"]["limits"] == {"nvidia.com/gpu": "8"}
 
 
+def test_k8s_multislice_jobset_has_a_job_per_slice_and_the_slice_variables():
+    """Two v5p slices of 4 hosts: one indexed job per slice; process ids count slice by slice; the TPU runtime
+    gets the MEGASCALE_* variables that join the slices."""
+    m = k8s.jobset_manifest(["train", "--config", "configs/llama_7b.py", "--config.mesh.dcn_data=2"], name="a",
+                            image="i", num_hosts=4, num_slices=2, tpu_accelerator="tpu-v5p-slice",
+                            tpu_topology="2x2x4")
+    _validate_jobset(m)
+    rj = m["spec"]["replicatedJobs"][0]
+    assert rj["replicas"] == 2 and rj["template"]["spec"]["parallelism"] == 4
+    env = {e["name"]: e for e in rj["template"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["LLMJAX_NUM_PROCESSES"]["value"] == "8" and env["LLMJAX_HOSTS_PER_SLICE"]["value"] == "4"
+    assert env["MEGASCALE_NUM_SLICES"]["value"] == "2"
+    assert env["MEGASCALE_COORDINATOR_ADDRESS"]["value"] == "a-workers-0-0.a"
+    for name in ("LLMJAX_SLICE_ID", "MEGASCALE_SLICE_ID"):
+        assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['jobset.sigs.k8s.io/job-index']"
+    # Host 3 of slice 1 is process 7 of 8.
+    pod = {"LLMJAX_COORDINATOR": "a-workers-0-0.a:8476", "LLMJAX_NUM_PROCESSES": "8", "LLMJAX_PROCESS_ID": "3",
+           "LLMJAX_SLICE_ID": "1", "LLMJAX_HOSTS_PER_SLICE": "4"}
+    assert distributed_settings(pod).process_id == 7
+    with pytest.raises(SystemExit, match="--num-slices is for TPU slices"):
+        k8s.jobset_manifest(["train"], name="a", image="i", num_slices=2)
+
+
 def test_k8s_validation_catches_mistakes():
     """The validators are not rubber stamps: a misspelt pod field and a wrong JobSet field both fail."""
     jsonschema = importlib.import_module("jsonschema")

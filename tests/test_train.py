@@ -55,7 +55,8 @@ def run_losses(model_cfg, mesh_cfg, batches, *, micro_batches=1, devices=None, r
     tx = make_optimizer(optim(), total_steps=10)
     graphdef, state, state_sh = init_state(model_cfg, tx, mesh, shd.rules_dict(rules), seed=0)
     batch_sh = batch_shardings(mesh, batches[0])
-    step = make_train_step(graphdef, tx, state_sh, batch_sh, micro_batches=micro_batches)
+    # With the rules, as `llmjax train` builds it: modules see the mesh (context parallelism, expert parallelism).
+    step = make_train_step(graphdef, tx, state_sh, batch_sh, micro_batches=micro_batches, rules=shd.rules_dict(rules))
     losses = []
     for b in batches:
         state, metrics = step(state, global_batch(b, mesh))

@@ -6,7 +6,8 @@ Which runtime to join is read from the environment, first match wins:
   LLMJAX_DISTRIBUTED=0            never initialize (single process, whatever else is set)
   LLMJAX_COORDINATOR=host:port    explicit: with LLMJAX_NUM_PROCESSES and LLMJAX_PROCESS_ID (or, on
                                   Kubernetes indexed jobs, JOB_COMPLETION_INDEX); set by `launch local`
-                                  and `launch k8s`
+                                  and `launch k8s`. With several slices the id is within the slice, plus
+                                  LLMJAX_SLICE_ID x LLMJAX_HOSTS_PER_SLICE
   SLURM job step (srun), >1 task  coordinator = first node of SLURM_STEP_NODELIST, port
                                   LLMJAX_COORDINATOR_PORT or derived from SLURM_JOB_ID; process id =
                                   SLURM_PROCID; a task alone on its node sees all the node's GPUs, several
@@ -98,6 +99,8 @@ def distributed_settings(env: Mapping[str, str] | None = None) -> DistributedSet
         if key not in env:
             raise LaunchError("LLMJAX_COORDINATOR is set but neither LLMJAX_PROCESS_ID nor JOB_COMPLETION_INDEX is")
         pid = _int(env, key)
+        if "LLMJAX_SLICE_ID" in env:  # several slices (launch k8s --num-slices): the id above counts within a slice
+            pid += _int(env, "LLMJAX_SLICE_ID") * _int(env, "LLMJAX_HOSTS_PER_SLICE")
         if not 0 <= pid < n:
             raise LaunchError(f"{key}={pid} is outside 0..LLMJAX_NUM_PROCESSES-1={n - 1}")
         return DistributedSettings("env", env["LLMJAX_COORDINATOR"], n, pid)

@@ -30,6 +30,11 @@ EXAMPLES: dict[str, tuple[list[str], list[str]]] = {
         ["k8s", "--name", "gpt2", "--image", "REGISTRY/llmjax:tpu", "--num-hosts", "4",
          "--tpu-accelerator", "tpu-v5p-slice", "--tpu-topology", "2x2x4", "--service-account", "llmjax"],
         ["train", "--config", "configs/gpt2_small.py", "--workdir", "gs://BUCKET/runs/gpt2_small"]),
+    "jobset_tpu_multislice.yaml": (
+        ["k8s", "--name", "llama7b", "--image", "REGISTRY/llmjax:tpu", "--num-hosts", "16", "--num-slices", "2",
+         "--tpu-accelerator", "tpu-v5p-slice", "--tpu-topology", "4x4x4", "--service-account", "llmjax"],
+        ["train", "--config", "configs/llama_7b.py", "--workdir", "gs://BUCKET/runs/llama_7b",
+         "--config.mesh.dcn_data=2"]),
     "jobset_gpu.yaml": (
         ["k8s", "--name", "gpt2-gpu", "--image", "REGISTRY/llmjax:cuda", "--num-hosts", "2",
          "--gpus-per-host", "8", "--gpu-accelerator", "nvidia-h100-80gb"],

@@ -1,8 +1,10 @@
 """`llmjax launch k8s`: a Kubernetes JobSet (jobset.x-k8s.io/v1alpha2) for GKE TPU slices or GPU node pools.
 
-One replicated job of `--num-hosts` indexed pods (one JAX process per host). Pods find each other through
-the JobSet headless service: the coordinator is pod 0 of job 0, `<name>-<job>-0-0.<name>:<port>`, and each
-pod's process id is its job completion index. Apply with `kubectl apply -f FILE` (JobSet controller installed).
+One replicated job with a replica per TPU slice (`--num-slices`, default 1), each of `--num-hosts` indexed pods
+(one JAX process per host). Pods find each other through the JobSet headless service: the coordinator is pod 0
+of slice 0, `<name>-<job>-0-0.<name>:<port>`; a pod's process id is slice index x hosts per slice + its job
+completion index. Several slices also get the MEGASCALE_* variables with which the TPU runtime connects the
+slices over the data-centre network. Apply with `kubectl apply -f FILE` (JobSet controller installed).
 
 The image is the one launch/Dockerfile builds: llmjax installed, its checkout's configs/ at IMAGE_HOME
 (/opt/llmjax), the container's working directory, so `--config configs/NAME.py` resolves in every pod.
@@ -28,7 +30,12 @@ def coordinator_host(name: str) -> str:
     return f"{name}-{REPLICATED_JOB}-0-0.{name}"
 
 
-def jobset_manifest(command: list[str], *, name: str, image: str, num_hosts: int = 1, namespace: str = "",
+def _annotation(key: str) -> dict:
+    return {"valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{key}']"}}}
+
+
+def jobset_manifest(command: list[str], *, name: str, image: str, num_hosts: int = 1, num_slices: int = 1,
+                    namespace: str = "",
                     tpu_accelerator: str = "", tpu_topology: str = "", chips_per_host: int = 4,
                     gpus_per_host: int = 0, gpu_accelerator: str = "", port: int = 8476, env: list[str] = (),
                     cpu: str = "", memory: str = "", max_restarts: int = 0, service_account: str = "",
@@ -40,6 +47,11 @@ def jobset_manifest(command: list[str], *, name: str, image: str, num_hosts: int
         raise SystemExit("llmjax launch k8s: --image is required (a container image with llmjax installed)")
     if num_hosts < 1:
         raise SystemExit("llmjax launch k8s: --num-hosts must be at least 1")
+    if num_slices < 1:
+        raise SystemExit("llmjax launch k8s: --num-slices must be at least 1")
+    if num_slices > 1 and not tpu_accelerator:
+        raise SystemExit("llmjax launch k8s: --num-slices is for TPU slices joined by the data-centre network; give "
+                         "--tpu-accelerator and --tpu-topology too (GPU nodes: raise --num-hosts instead)")
     if bool(tpu_accelerator) != bool(tpu_topology):
         raise SystemExit("llmjax launch k8s: --tpu-accelerator and --tpu-topology go together, e.g. "
                          "--tpu-accelerator tpu-v5p-slice --tpu-topology 2x2x2")
@@ -54,11 +66,18 @@ def jobset_manifest(command: list[str], *, name: str, image: str, num_hosts: int
 
     env_list = [
         {"name": "LLMJAX_COORDINATOR", "value": f"{coordinator_host(name)}:{port}"},
-        {"name": "LLMJAX_NUM_PROCESSES", "value": str(num_hosts)},
-        {"name": "LLMJAX_PROCESS_ID", "valueFrom": {"fieldRef": {
-            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {"name": "LLMJAX_NUM_PROCESSES", "value": str(num_hosts * num_slices)},
+        {"name": "LLMJAX_PROCESS_ID", **_annotation("batch.kubernetes.io/job-completion-index")},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if num_slices > 1:  # the process id counts the hosts of the slices before this one (llmjax.launch.distributed)
+        env_list += [
+            {"name": "LLMJAX_SLICE_ID", **_annotation("jobset.sigs.k8s.io/job-index")},
+            {"name": "LLMJAX_HOSTS_PER_SLICE", "value": str(num_hosts)},
+            {"name": "MEGASCALE_COORDINATOR_ADDRESS", "value": coordinator_host(name)},
+            {"name": "MEGASCALE_NUM_SLICES", "value": str(num_slices)},
+            {"name": "MEGASCALE_SLICE_ID", **_annotation("jobset.sigs.k8s.io/job-index")},
+        ]
     for kv in env:
         if "=" not in kv:
             raise SystemExit(f"llmjax launch k8s: --env {kv!r} must look like NAME=VALUE")
@@ -111,7 +130,7 @@ def jobset_manifest(command: list[str], *, name: str, image: str, num_hosts: int
             "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
             "replicatedJobs": [{
                 "name": REPLICATED_JOB,
-                "replicas": 1,
+                "replicas": num_slices,
                 "template": {"spec": {
                     "parallelism": num_hosts,
                     "completions": num_hosts,
@@ -135,7 +154,10 @@ def to_yaml(manifest: dict) -> str:
 def add_arguments(p) -> None:
     p.add_argument("--name", required=True, help="JobSet name (DNS label)")
     p.add_argument("--image", required=True, help="container image built from launch/Dockerfile")
-    p.add_argument("--num-hosts", type=int, default=1, help="pods = JAX processes (TPU slice hosts / GPU nodes)")
+    p.add_argument("--num-hosts", type=int, default=1, help="pods = JAX processes per slice (TPU slice hosts / GPU "
+                   "nodes)")
+    p.add_argument("--num-slices", type=int, default=1, help="TPU slices (one job each), joined by the data-centre "
+                   "network; the config's mesh.dcn_* axes must multiply to it")
     p.add_argument("--namespace", default="")
     p.add_argument("--tpu-accelerator", default="", help="e.g. tpu-v5p-slice, tpu-v5-lite-podslice, tpu-v6e-slice")
     p.add_argument("--tpu-topology", default="", help="e.g. 2x2x2 (v4/v5p) or 4x4 (v5e/v6e)")
@@ -157,7 +179,8 @@ def add_arguments(p) -> None:
 def render(args, command: list[str]) -> str:
     """The manifest `llmjax launch k8s` writes, as YAML (JSON without PyYAML)."""
     return to_yaml(jobset_manifest(
-        command, name=args.name, image=args.image, num_hosts=args.num_hosts, namespace=args.namespace,
+        command, name=args.name, image=args.image, num_hosts=args.num_hosts, num_slices=args.num_slices,
+        namespace=args.namespace,
         tpu_accelerator=args.tpu_accelerator, tpu_topology=args.tpu_topology, chips_per_host=args.chips_per_host,
         gpus_per_host=args.gpus_per_host, gpu_accelerator=args.gpu_accelerator, port=args.port, env=args.env,
         cpu=args.cpu, memory=args.memory, max_restarts=args.max_restarts, service_account=args.service_account,

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from llmjax import sharding as shd
 from llmjax.kernels import dispatch
 from llmjax.models.config import KERNELS, ModelConfig
 from llmjax.models.layers import Linear, apply_rope, linear_group, matmul_side_by_side
@@ -416,6 +417,49 @@ def attend(q, k, v, mask: AttentionMask, *, kernel: str, bias=None, scale: float
     raise ValueError(f"model.attention_kernel: unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
 
 
+# --------------------------------------------------------------------------------- context parallelism
+def _context_parallel() -> bool:
+    """Whether this step's mesh splits sequences (a `context` axis of size > 1)."""
+    layout = shd.current_layout()
+    return layout is not None and layout[0].shape.get("context", 1) > 1
+
+
+def context_parallel_attention(q, k, v, mask: AttentionMask, *, bias, dropout_rng, attend_fn) -> jax.Array | None:
+    """Attention with the sequence split over the `context` mesh axis (under a step's mesh; None elsewhere,
+    or when a length does not divide): each device keeps its queries [B, T/c, N, H] and gathers the keys and
+    values [B, S, K, H] of all c shards, then attends locally with `attend_fn(q, k, v, mask, bias, rng)`.
+
+    All-gather rather than ring attention: with grouped-query attention K and V are a fraction of the queries'
+    size, one gather per layer overlaps with compute as well as c ring steps, and any mask works unchanged —
+    causal, prefix, packed segments and padding are decided by the gathered per-token vectors (positions and
+    segment ids), never by offsets. The attention's temporaries (scores [B, N, T/c, S]) fall as 1/c."""
+    layout = shd.current_layout()
+    if layout is None:
+        return None
+    mesh, _ = layout
+    c = mesh.shape.get("context", 1)
+    batch = tuple(a for a in shd.BATCH_AXES if mesh.shape[a] > 1)
+    if c == 1 or q.shape[1] % c or k.shape[1] % c or (batch and q.shape[0] % math.prod(mesh.shape[a] for a in batch)):
+        return None
+    rows = (batch if len(batch) > 1 else batch[0]) if batch else None
+    P = jax.sharding.PartitionSpec
+    seq, tok = P(rows, "context"), P(rows, "context", None, None)
+    mask_spec = AttentionMask(seq, seq, seq, seq, None if mask.kv_prefix is None else seq, causal=mask.causal)
+    bias_spec = None if bias is None else P(rows if bias.shape[0] > 1 else None, None, "context", None)
+
+    def local(q, k, v, m, bias, rng):
+        gather = lambda a: jax.lax.all_gather(a, "context", axis=1, tiled=True)
+        m = AttentionMask(m.q_segment_ids, gather(m.kv_segment_ids), m.q_positions, gather(m.kv_positions),
+                          None if m.kv_prefix is None else gather(m.kv_prefix), causal=m.causal)
+        if rng is not None:  # every shard draws its own dropout mask
+            for axis in (*batch, "context"):
+                rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))
+        return attend_fn(q, gather(k), gather(v), m, bias, rng)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, mask_spec, bias_spec, P()), out_specs=tok,
+                         check_vma=False)(q, k, v, mask, bias, dropout_rng)
+
+
 # ------------------------------------------------------------------------------------------------ module
 class Attention(nnx.Module):
     """Projections around `attend`: self-attention (causal or not, fixed per layer), or cross-attention to a
@@ -476,7 +520,8 @@ class Attention(nnx.Module):
             mask = AttentionMask.between(layout, keys, causal=False)
         else:
             dropout = not deterministic and self.dropout_rate > 0
-            if cache is None and not self.rope:  # q, k and v straight from their projection: a kernel may take over
+            if cache is None and not self.rope and not _context_parallel():  # q, k and v straight from their
+                # projection: a kernel may take over
                 heads = lambda n: jax.ShapeDtypeStruct((*x.shape[:2], n, self.cfg.head_size), self.q.dtype)
                 out = dispatch.packed_self_attention(
                     lambda: matmul_side_by_side(x, (self.q, self.k, self.v)),
@@ -497,9 +542,20 @@ class Attention(nnx.Module):
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0:
             dropout_rng = self.rngs.dropout()
-        out = attend(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask, kernel=self.cfg.attention_kernel, bias=bias,
-            scale=self.scale, block_size=self.cfg.attention_block_size, dropout_rate=self.dropout_rate,
-            dropout_rng=dropout_rng,
-        )
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        out = None
+        if cache is None and _context_parallel():
+            if bias is not None and not isinstance(bias, jax.Array):  # T5's bias function: as an array [B, N, T, S]
+                bias = bias(mask.q_positions, mask.kv_positions)
+            # Per shard the memory-efficient blockwise kernel (the platform kernels assume queries and keys that
+            # start together), or the reference one when the config asks for it.
+            kernel = "reference" if self.cfg.attention_kernel == "reference" else "blockwise"
+            out = context_parallel_attention(q, k, v, mask, bias=bias, dropout_rng=dropout_rng, attend_fn=(
+                lambda q, k, v, m, b, rng: attend(q, k, v, m, kernel=kernel, bias=b, scale=self.scale,
+                                                  block_size=self.cfg.attention_block_size,
+                                                  dropout_rate=self.dropout_rate, dropout_rng=rng)))
+        if out is None:
+            out = attend(q, k, v, mask, kernel=self.cfg.attention_kernel, bias=bias, scale=self.scale,
+                         block_size=self.cfg.attention_block_size, dropout_rate=self.dropout_rate,
+                         dropout_rng=dropout_rng)
         return self.o(out), cache

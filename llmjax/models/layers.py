@@ -43,8 +43,9 @@ def matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *, transpo
 
 
 def shard_batch(x: jax.Array) -> jax.Array:
-    """Keep an activation's leading (batch) dimension split over the batch mesh axes, leaving the other
-    dimensions to the compiler. Only under a mesh context (jax.set_mesh); a no-op otherwise.
+    """Keep an activation's leading (batch) dimension split over the batch mesh axes, and the sequence dimension
+    of [B, T, ...] activations over the `context` axis (context parallelism), leaving the other dimensions to
+    the compiler. Only under a mesh context (jax.set_mesh); a no-op otherwise.
 
     Without it GSPMD may follow the FSDP-sharded weights instead ('embed' over fsdp) and replicate the batch:
     every chip then holds the whole batch's MLP activations and logits."""
@@ -52,10 +53,17 @@ def shard_batch(x: jax.Array) -> jax.Array:
     if mesh.empty or x.ndim == 0:
         return x
     axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.shape and mesh.shape[a] > 1)
-    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    if axes and x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        axes = ()
+    context = mesh.shape.get("context", 1)
+    by_length = x.ndim >= 3 and context > 1 and x.shape[1] % context == 0
+    if not axes and not by_length:
         return x
-    spec = jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0],
-                                      *([jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)))
+    rest = [jax.sharding.PartitionSpec.UNCONSTRAINED] * (x.ndim - 1)
+    if by_length:
+        rest[0] = "context"
+    first = (axes if len(axes) > 1 else axes[0]) if axes else jax.sharding.PartitionSpec.UNCONSTRAINED
+    spec = jax.sharding.PartitionSpec(first, *rest)
     return jax.lax.with_sharding_constraint(x, spec)
 
 
@@ -191,7 +199,7 @@ def sharded_take(table: jax.Array, ids: jax.Array, axes: Sequence[str | None]) -
         return jnp.take(t, i, axis=0)
 
     rows = jax.sharding.PartitionSpec(batch_axes)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, rows), out_specs=rows)(table, ids)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, rows), out_specs=rows, check_vma=False)(table, ids)
 
 
 class Embed(nnx.Module):
