@@ -43,7 +43,7 @@ LONGEST_FIRST = {
     "test_train.py::test_one_device_equals_eight_devices_data_fsdp_tensor": 22,
     "test_scan.py::test_scanned_train_steps_equal_unrolled_on_one_device": 20,
     "test_compile.py::test_a_scanned_stack_reports_the_costs_of_the_unrolled_one": 20,
-    "test_context_parallel.py::test_context_parallel_steps_equal_one_device": 17,
+    "test_context_parallel.py::test_context_parallel_steps_equal_one_device": 25,
     "test_compile.py::test_two_slices_exchange_only_the_gradient_reduction_over_the_data_centre_network": 15,
     "test_launch.py::test_sigterm_to_one_rank_saves_the_same_step_on_every_rank": 26,
     "test_moe.py::test_train_steps_on_expert_parallel_mesh_equal_one_device": 25,

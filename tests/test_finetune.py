@@ -271,3 +271,21 @@ def test_finetune_from_a_training_workdir(task_files, tmp_path):
     prepared = next((tiny_runs.base_dir() / "data").glob("*/tokenizer.model"))  # found via the run's config
     assert (out / "tokenizer.model").read_bytes() == prepared.read_bytes()
     assert res["base_unchanged"] is True
+
+
+def test_finetune_into_a_bucket_workdir(gcs, task_files, tmp_path, monkeypatch):
+    """`--workdir gs://...` (a real GCS API server started by the test): the checkpoints, results and config
+    go to the bucket, the fine-tuned run loads back from it, and nothing lands in a local `gs:` directory."""
+    from etils import epath  # noqa: E402 (the bucket's path type)
+
+    monkeypatch.chdir(tmp_path)
+    workdir = "gs://bkt/runs/classify"
+    finetune(config("classification", task_files, steps=4, eval_every=4), tiny_runs.random_export("encoder"),
+             workdir, progress=False)
+    results = json.loads((epath.Path(workdir) / "finetune_results.json").read_text())
+    assert results["steps"] == 4 and results["labels"] == ["day", "month", "number"]
+    assert 0.0 <= results["validation"]["accuracy"] <= 1.0 and results["checkpoint_bytes"] > 0
+    assert checkpoint.Checkpoints(workdir).steps() == [4]
+    model, cfg = load_finetuned(workdir)
+    assert cfg["finetuned_step"] == 4 and model.cfg.num_labels == 3
+    assert not (tmp_path / "gs:").exists()

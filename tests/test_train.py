@@ -90,7 +90,7 @@ def test_slices_span_only_their_dcn_axes():
     """mesh.dcn_data=2 on 8 devices (CPUs have no slices: consecutive devices stand for them): the data axis is
     2 slices x 2 within each, and each slice holds whole fsdp x tensor groups."""
     mesh = shd.make_mesh(shd.mesh_config(data=2, fsdp=2, dcn_data=2))
-    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1, "expert": 1}
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1, "expert": 1, "context": 1}
     slice_of = {d.id: d.id // 4 for d in jax.devices()}
     grid = np.vectorize(lambda d: slice_of[d.id])(mesh.devices)
     assert (grid[:2] == 0).all() and (grid[2:] == 1).all()  # only the data axis crosses slices
@@ -172,7 +172,7 @@ def test_remat_reduces_saved_activations_with_same_losses(family):
 
 def test_invalid_layouts_fail_at_start_with_the_fix():
     cfg = tiny_cfg(num_heads=4, num_kv_heads=2)
-    with pytest.raises(ConfigError, match="mesh: .* = 4 devices, but 8 are available"):
+    with pytest.raises(ConfigError, match="mesh: .* = 4 devices, but there are 8 devices"):
         shd.make_mesh(shd.mesh_config(data=2, fsdp=2, tensor=1))
     with pytest.raises(ConfigError, match="at most one axis may be -1"):
         shd.make_mesh(shd.mesh_config(data=-1, fsdp=-1))
