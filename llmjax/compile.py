@@ -350,15 +350,20 @@ def _total_bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * _itemsize(x.dtype) for x in jax.tree.leaves(tree))
 
 
+def _costs(compiled) -> tuple[float, float, float]:
+    """(FLOPs, bytes accessed, collective bytes) per device of a compiled program, as the compiler counts them."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)), float(collective_bytes(
+        compiled.as_text()))
+
+
 def _program_costs(cfg, model_cfg, devices) -> np.ndarray:
     """[FLOPs, bytes accessed, collective bytes] per device of cfg's train step for `model_cfg`."""
     parts = build_train_step(cfg, devices, model_cfg=model_cfg)
     with jax.set_mesh(parts.mesh):
         compiled = parts.step.lower(parts.abstract_state, parts.batch_spec).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return np.array([float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-                     float(collective_bytes(compiled.as_text()))])
+    return np.array(_costs(compiled))
 
 
 def _unrolled_costs(cfg, model_cfg, devices) -> tuple[float, float, float]:
@@ -411,17 +416,13 @@ def compile_for_topology(cfg, topology: Topology, *, kernel: str | None = None, 
     compile_s = time.perf_counter() - t0
     if compiled is not None:
         mem = compiled.memory_analysis()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         arg, out, alias, temp = (mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.alias_size_in_bytes,
                                  mem.temp_size_in_bytes)
         code = getattr(mem, "generated_code_size_in_bytes", 0)
         # The TPU compiler may book small programs' temporaries only in its peak (temp_size can read 0).
         temp = max(temp, int(getattr(mem, "peak_memory_in_bytes", 0) or 0) - (arg + out - alias))
-        flops_dev = float(cost.get("flops", 0.0))
-        bytes_dev = float(cost.get("bytes accessed", 0.0))
+        flops_dev, bytes_dev, coll_dev = _costs(compiled)
         hlo = compiled.as_text()
-        coll_dev = collective_bytes(hlo)
         cost_s = 0.0
         if model_cfg.scan_layers:  # the compiler's counts see a loop's body once: extrapolate from unrolled twins
             t1 = time.perf_counter()

@@ -114,6 +114,33 @@ def unstack_layers(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def listing(names, limit: int = 8) -> str:
+    """'a, b, c (+N more)': the first `limit` of `names`, sorted."""
+    names = sorted(names)
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+class ParamsMismatch(ValueError):
+    """Given parameters that do not fit a model: the message lists the missing, unexpected or misshapen ones."""
+
+
+def fitted(expected: dict[str, Any], values: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Flat `values` (either layer layout) in the layout of the flat `expected` (arrays or ShapeDtypeStructs),
+    cast to their dtypes; the paths and every shape must match exactly (ParamsMismatch otherwise)."""
+    slots = {k.split("/blocks/")[1].split("/")[0] for k in expected if is_scanned_path(k)}
+    values = stack_layers(unstack_layers(values), len(slots)) if slots else unstack_layers(values)
+    missing, unexpected = set(expected) - set(values), set(values) - set(expected)
+    if missing or unexpected:
+        raise ParamsMismatch(f"parameters do not match the llmjax model: missing {listing(missing) or '-'}; "
+                             f"unexpected {listing(unexpected) or '-'}")
+    bad = [f"{k} {tuple(np.shape(values[k]))} vs {tuple(expected[k].shape)}"
+           for k in expected if tuple(np.shape(values[k])) != tuple(expected[k].shape)]
+    if bad:
+        raise ParamsMismatch(f"parameter shapes do not match the llmjax model (given vs model): {listing(bad)}")
+    return {k: np.asarray(values[k]).astype(expected[k].dtype) for k in expected}
+
+
 def in_layout(flat: dict[str, Any], model_cfg) -> dict[str, Any]:
     """{path: array} of either layout in the layout of `model_cfg` (scanned or unrolled)."""
     if model_cfg.scan_layers:

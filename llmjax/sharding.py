@@ -250,8 +250,13 @@ def constrain(x, axes: Sequence[str | None]):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec(axes, x.shape, mesh, rules)))
 
 
+def batch_axes(mesh) -> tuple[str, ...]:
+    """The batch mesh axes (data, fsdp, expert) that split something on this mesh (size > 1)."""
+    return tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
+    axes = batch_axes(mesh)
     first = None if not axes else (axes[0] if len(axes) == 1 else axes)
     return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
 

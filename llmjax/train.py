@@ -30,7 +30,7 @@ from llmjax.models.flops import train_flops
 from llmjax.models.transformer import build_model
 from llmjax.objectives import check_family
 from llmjax.objectives.loss import objective_loss
-from llmjax.params import flat_values, in_layout
+from llmjax.params import ParamsMismatch, fitted, flat_values
 from llmjax.runs import load_pretrained
 from llmjax.state import learning_rate_schedule, make_optimizer
 from llmjax.step import batch_shardings, global_batch, make_eval_step, make_train_step, metrics_of
@@ -82,22 +82,15 @@ def initial_params(init_from, model_cfg: ModelConfig, seed: int) -> tuple[dict, 
         values, _, tokenizer, described = load_pretrained(init_from)
     except FileNotFoundError as e:
         raise ConfigError(f"--init-from: {e}") from None
-    values = in_layout(values, model_cfg)
     expected = flat_values(nnx.state(nnx.eval_shape(lambda: build_model(model_cfg, seed)), nnx.Param))
-    missing = sorted(set(expected) - set(values))
-    extra = sorted(set(values) - set(expected))
-    shapes = [f"{k} {tuple(values[k].shape)} vs {tuple(expected[k].shape)}" for k in sorted(set(expected) & set(values))
-              if tuple(values[k].shape) != tuple(expected[k].shape)]
-    if missing or extra or shapes:
-        what = "; ".join(part for part in (
-            missing and f"missing {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}",
-            extra and f"not in this model {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}",
-            shapes and f"other shapes (source vs model) {', '.join(shapes[:4])}") if part)
-        raise ConfigError(f"--init-from {init_from}: its parameters do not fit this run's model ({what}); the "
-                          "model section must describe the same model (only model.scan_layers and settings that "
-                          "change no parameter may differ)")
+    try:
+        values = fitted(expected, values)  # the layer layout converts
+    except ParamsMismatch as e:
+        raise ConfigError(f"--init-from {init_from}: its parameters do not fit this run's model ({e}); the model "
+                          "section must describe the same model (only model.scan_layers and settings that change "
+                          "no parameter may differ)") from None
     log.info("initial parameters from %s", described)
-    return {k: values[k] for k in expected}, tokenizer
+    return values, tokenizer
 
 
 def _train_and_evaluate(cfg, workdir, model_cfg: ModelConfig, mesh, *, progress: bool, initial=None) -> dict:

@@ -12,7 +12,7 @@ import dataclasses
 import importlib
 import math
 import re
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ from flax import nnx
 from llmjax import params as params_lib
 from llmjax.models.config import ConfigError, ModelConfig
 from llmjax.models.transformer import build_model
-from llmjax.params import flatten, unflatten
+from llmjax.params import flatten, listing, unflatten
 
 
 class InteropError(ValueError):
@@ -98,12 +98,6 @@ def norm(ours: str, hf: str, *, bias: bool) -> list[Rule]:
 
 
 # ------------------------------------------------------------------------------------ nested dicts
-def _listing(names: Iterable[str], limit: int = 8) -> str:
-    names = sorted(names)
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def import_params(rules: list[Rule], state_dict: dict[str, np.ndarray], *, ignore: Sequence[str] = (),
                   what: str = "HF model") -> dict:
     """HF state dict -> nested llmjax params. Every HF tensor must be used (or match an `ignore` regex)."""
@@ -134,9 +128,9 @@ def import_params(rules: list[Rule], state_dict: dict[str, np.ndarray], *, ignor
     if missing or unexpected:
         msg = [f"{what}: the state dict does not match the llmjax config"]
         if missing:
-            msg.append(f"missing: {_listing(missing)}")
+            msg.append(f"missing: {listing(missing)}")
         if unexpected:
-            msg.append(f"unexpected (weights llmjax has no place for): {_listing(unexpected)}")
+            msg.append(f"unexpected (weights llmjax has no place for): {listing(unexpected)}")
         raise InteropError("; ".join(msg))
     return unflatten(flat)
 
@@ -148,7 +142,7 @@ def export_params(rules: list[Rule], params: dict, *, what: str = "HF model") ->
     for r in rules:
         absent = [k for k in r.ours if k not in flat]
         if absent:
-            raise InteropError(f"{what}: llmjax parameters {_listing(absent)} are missing from the given state")
+            raise InteropError(f"{what}: llmjax parameters {listing(absent)} are missing from the given state")
         arrays = r.to_hf(*(np.asarray(flat[k]) for k in r.ours))
         if r.copies:
             arrays = arrays * len(r.hf)
@@ -156,7 +150,7 @@ def export_params(rules: list[Rule], params: dict, *, what: str = "HF model") ->
         used.update(r.ours)
     extra = set(flat) - used
     if extra:
-        raise InteropError(f"{what} has no place for the llmjax parameters {_listing(extra)}; "
+        raise InteropError(f"{what} has no place for the llmjax parameters {listing(extra)}; "
                            "remove those heads (e.g. num_labels/num_tags) before exporting")
     return out
 
@@ -187,28 +181,12 @@ def model_params(model_or_state, cfg: ModelConfig | None = None) -> dict:
     return unflatten(flat)
 
 
-def _period(expected: dict) -> int:
-    """Slots per scan step of the scanned stacks among the `expected` paths."""
-    return len({k.split("/blocks/")[1].split("/")[0] for k in expected if params_lib.is_scanned_path(k)})
-
-
 def _checked(expected: dict, params: dict) -> dict:
-    """Flat `params` cast to the dtypes of the flat `expected` (arrays or ShapeDtypeStructs); the paths and
-    every shape must match exactly."""
-    given = flatten(params)
-    if any(params_lib.is_scanned_path(k) for k in expected):  # a scanned model: HF weights come per layer
-        given = params_lib.stack_layers(params_lib.unstack_layers(given), _period(expected))
-    else:
-        given = params_lib.unstack_layers(given)
-    missing, unexpected = set(expected) - set(given), set(given) - set(expected)
-    if missing or unexpected:
-        raise InteropError(f"parameters do not match the llmjax model: missing {_listing(missing) or '-'}; "
-                           f"unexpected {_listing(unexpected) or '-'}")
-    bad = [f"{k} {tuple(np.shape(given[k]))} vs {tuple(expected[k].shape)}"
-           for k in expected if tuple(np.shape(given[k])) != tuple(expected[k].shape)]
-    if bad:
-        raise InteropError(f"parameter shapes do not match the llmjax model (given vs model): {_listing(bad)}")
-    return {k: np.asarray(given[k]).astype(expected[k].dtype) for k in expected}
+    """Nested `params` fitted to the flat `expected` (params.fitted), mismatches as InteropError."""
+    try:
+        return params_lib.fitted(expected, flatten(params))
+    except params_lib.ParamsMismatch as e:
+        raise InteropError(str(e)) from None
 
 
 def load_params(model: nnx.Module, params: dict) -> None:

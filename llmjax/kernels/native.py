@@ -112,7 +112,7 @@ def per_shard(local, q, k, v, *rows):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(q, k, v, *rows)
-    batch_axes = tuple(a for a in shd.BATCH_AXES if a in mesh.shape and mesh.shape[a] > 1)
+    batch_axes = shd.batch_axes(mesh)
     b_spec = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
     t_size = mesh.shape.get("tensor", 1)
     h_spec = "tensor" if t_size > 1 and q.shape[2] % t_size == 0 and k.shape[2] % t_size == 0 else None

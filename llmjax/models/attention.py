@@ -438,7 +438,7 @@ def context_parallel_attention(q, k, v, mask: AttentionMask, *, bias, dropout_rn
         return None
     mesh, _ = layout
     c = mesh.shape.get("context", 1)
-    batch = tuple(a for a in shd.BATCH_AXES if mesh.shape[a] > 1)
+    batch = shd.batch_axes(mesh)
     if c == 1 or q.shape[1] % c or k.shape[1] % c or (batch and q.shape[0] % math.prod(mesh.shape[a] for a in batch)):
         return None
     rows = (batch if len(batch) > 1 else batch[0]) if batch else None

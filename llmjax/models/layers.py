@@ -30,9 +30,6 @@ def _as_shape(x: int | Sequence[int]) -> Shape:
     return (x,) if isinstance(x, int) else tuple(x)
 
 
-BATCH_MESH_AXES = ("data", "fsdp", "expert")  # as llmjax.sharding.BATCH_AXES (kept here: no import cycle)
-
-
 def matmul(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, *, transpose_w: bool = False) -> jax.Array:
     """x [rows, K] @ w [K, N] (w [N, K] transposed with transpose_w) + bias [N]."""
     y = dispatch.matmul(x, w, bias, transpose_w=transpose_w)  # a kernel, where one runs faster than XLA's dot
@@ -52,7 +49,7 @@ def shard_batch(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or x.ndim == 0:
         return x
-    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.shape and mesh.shape[a] > 1)
+    axes = shd.batch_axes(mesh)
     if axes and x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         axes = ()
     context = mesh.shape.get("context", 1)
@@ -187,7 +184,7 @@ def sharded_take(table: jax.Array, ids: jax.Array, axes: Sequence[str | None]) -
     if layout is None:
         return jnp.take(table, ids, axis=0)
     mesh, rules = layout
-    batch_axes = tuple(a for a in shd.BATCH_AXES if mesh.shape[a] > 1)
+    batch_axes = shd.batch_axes(mesh)
     if not batch_axes or ids.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
         return jnp.take(table, ids, axis=0)
     spec = shd.logical_to_spec(axes, table.shape, rules, mesh)

@@ -279,7 +279,7 @@ class MoE(nnx.Module):
         ep = mesh.shape["expert"]
         if self.cfg.num_experts % ep:
             raise ValueError(f"model.num_experts={self.cfg.num_experts} is not divisible by mesh.expert={ep}")
-        batch_axes = tuple(a for a in shd.BATCH_AXES if mesh.shape[a] > 1)
+        batch_axes = shd.batch_axes(mesh)
         if x.shape[0] % math.prod(mesh.shape[a] for a in batch_axes):
             raise ValueError(f"MoE: batch {x.shape[0]} not divisible by the batch shards {batch_axes} of the mesh")
         row = P(batch_axes)
