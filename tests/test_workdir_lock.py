@@ -121,9 +121,11 @@ from llmjax.models.config import ConfigError
 from llmjax.workdir import lock_workdir
 try:
     with lock_workdir(sys.argv[3]):
-        print("ran")
+        result = "ran"
 except ConfigError as e:
-    print("refused:", e)
+    result = f"refused: {e}"
+with open(sys.argv[4], "w") as f:  # not stdout: gloo's C++ logging can land in the middle of a printed line
+    f.write(result)
 """
 
 
@@ -132,13 +134,13 @@ def test_a_refused_lock_stops_every_process_of_a_multi_process_run(tmp_path):
 
     def run_two():
         port = portpicker.pick_unused_port()
-        procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_LOCK, str(i), str(port), str(workdir)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        results = [tmp_path / f"result{i}" for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_LOCK, str(i), str(port), str(workdir),
+                                   str(results[i])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env=dict(os.environ, JAX_PLATFORMS="cpu")) for i in range(2)]
         outs = [p.communicate(timeout=120) for p in procs]
         assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
-        # (gloo prints its connections on stdout too)
-        return [[line for line in out.splitlines() if line.startswith(("ran", "refused:"))][-1] for out, _ in outs]
+        return [r.read_text() for r in results]
 
     with WorkdirLock(workdir):  # another run holds it: both processes are refused (not only process 0)
         first, second = run_two()

@@ -310,19 +310,19 @@ def _pad_to(x: jax.Array, axis: int, size: int, value=0):
 
 def blockwise_attention(q, k, v, mask: AttentionMask, *, bias=None, scale: float, block_size: int,
                         dropout_rate=0.0, dropout_rng=None) -> jax.Array:
-    """Online-softmax attention over [block, block] tiles (Rabe & Staats; the flash-attention recurrence).
+    """Online-softmax attention over [block, block] tiles (Rabe & Staats; the flash-attention recurrence): the
+    [T, S] scores never exist, forward or backward.
 
-    Each query block scans the key blocks keeping a running max, normaliser and weighted sum, so the
-    [T, S] scores never exist; the per-query-block body is rematerialised in the backward pass, so
-    training memory grows linearly with the sequence length. `bias` may be a function of positions,
-    evaluated per tile (T5 relative bias), or a full array (sliced per tile).
+    Without a bias the backward pass is the flash-attention one (`_flash`): the forward keeps only the output and
+    each query's log-sum-exp, and the backward recomputes every tile's probabilities from them, so training
+    memory is linear in T + S and, under context parallelism, falls with the queries per device. With a bias
+    (T5's relative bias: a function of positions, evaluated per tile, or a full array, sliced per tile), whose
+    gradient reaches its parameters through autodiff, each query block's body is rematerialised instead, which
+    keeps one query block's tiles against all S keys in the backward pass.
     """
-    b, t, n, h = q.shape
-    s_len, kvh = k.shape[1], k.shape[2]
-    g = n // kvh
+    t, s_len = q.shape[1], k.shape[1]
     bq, bk = min(block_size, t), min(block_size, s_len)
     tp, sp = -(-t // bq) * bq, -(-s_len // bk) * bk
-    nq, nk = tp // bq, sp // bk
     # Padded keys get segment 0 (never visible); padded query rows are cut off at the end.
     q = _pad_to(q, 1, tp)
     k, v = _pad_to(k, 1, sp), _pad_to(v, 1, sp)
@@ -331,58 +331,152 @@ def blockwise_attention(q, k, v, mask: AttentionMask, *, bias=None, scale: float
         q_positions=_pad_to(mask.q_positions, 1, tp), kv_positions=_pad_to(mask.kv_positions, 1, sp),
         kv_prefix=None if mask.kv_prefix is None else _pad_to(mask.kv_prefix, 1, sp), causal=mask.causal,
     )
-    if bias is not None and not callable(bias):
-        bias = _pad_to(_pad_to(bias, 2, tp), 3, sp)
-    use_dropout = dropout_rate > 0.0 and dropout_rng is not None
-    kb = k.reshape(b, nk, bk, kvh, h)
-    vb = v.reshape(b, nk, bk, kvh, h)
+    rate = dropout_rate if dropout_rate > 0.0 and dropout_rng is not None else 0.0
+    if bias is None:
+        out = _flash(scale, rate, bq, bk, q, k, v, m, dropout_rng if rate else None)
+    else:
+        if not callable(bias):
+            bias = _pad_to(_pad_to(bias, 2, tp), 3, sp)
+        out = _blockwise_remat(q, k, v, m, bias, scale=scale, bq=bq, bk=bk, rate=rate, rng=dropout_rng)
+    return out[:, :t].astype(q.dtype)
+
+
+def _tile_scores(q_blk, k_blk, m: AttentionMask, qi, ki, bq: int, bk: int, scale: float, bias=None):
+    """Scores [B, K, G, bq, bk] (float32, NEG_INF where masked) of query block qi ([B, bq, K, G, H]) against key
+    block ki ([B, bk, K, H]), and the tile's mask [B, 1, 1, bq, bk]."""
+    sl = lambda a, i, size: jax.lax.dynamic_slice_in_dim(a, i * size, size, axis=1)
+    q_pos, kv_pos = sl(m.q_positions, qi, bq), sl(m.kv_positions, ki, bk)
+    kv_pre = None if m.kv_prefix is None else sl(m.kv_prefix, ki, bk)
+    allowed = AttentionMask(sl(m.q_segment_ids, qi, bq), sl(m.kv_segment_ids, ki, bk), q_pos, kv_pos, kv_pre,
+                            causal=m.causal).dense()[:, None, None]
+    s = jnp.einsum("btkgh,bskh->bkgts", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        if callable(bias):
+            tb = bias(q_pos, kv_pos)
+        else:
+            tb = jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_slice_in_dim(bias, qi * bq, bq, 2), ki * bk, bk, 3)
+        s = s + _bias_grouped(tb, k_blk.shape[2])
+    return jnp.where(allowed, s, NEG_INF), allowed
+
+
+def _tile_keep(rng, qi, ki, rate: float, shape):
+    """The dropout keep mask of tile (qi, ki): drawn from (rng, qi, ki), so the backward pass redraws it."""
+    return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(rng, qi), ki), 1.0 - rate, shape)
+
+
+def _online_softmax_rows(q_blk, kb, vb, m, qi, *, bq, bk, scale, rate, rng, bias=None):
+    """One query block [B, bq, K, G, H] against all key blocks (kb/vb [B, nk, bk, K, H]): the flash recurrence.
+    Returns the unnormalised output [B, K, G, bq, H], the normaliser and the running max ([B, K, G, bq])."""
+    b, _, kvh, g, h = q_blk.shape
+
+    def step(carry, ki):
+        mx, l, acc = carry
+        s, allowed = _tile_scores(q_blk, kb[:, ki], m, qi, ki, bq, bk, scale, bias)
+        mx_new = jnp.maximum(mx, s.max(-1))
+        p = jnp.exp(s - mx_new[..., None]) * allowed
+        corr = jnp.exp(mx - mx_new)
+        l = l * corr + p.sum(-1)
+        if rate:
+            p = _dropout(p, _tile_keep(rng, qi, ki, rate, p.shape), rate)
+        acc = acc * corr[..., None] + jnp.einsum("bkgts,bskh->bkgth", p.astype(vb.dtype), vb[:, ki],
+                                                 preferred_element_type=jnp.float32)
+        return (mx_new, l, acc), None
+
+    init = (jnp.full((b, kvh, g, bq), NEG_INF, jnp.float32), jnp.zeros((b, kvh, g, bq), jnp.float32),
+            jnp.zeros((b, kvh, g, bq, h), jnp.float32))
+    (mx, l, acc), _ = jax.lax.scan(step, init, jnp.arange(kb.shape[1]))
+    return acc, l, mx
+
+
+def _blocks(x, size):
+    """[B, L, ...] -> [B, L / size, size, ...]."""
+    return x.reshape(x.shape[0], x.shape[1] // size, size, *x.shape[2:])
+
+
+def _blockwise_remat(q, k, v, m, bias, *, scale, bq, bk, rate, rng):
+    """The blockwise kernel with a bias: autodiff through each query block's rematerialised scan."""
+    b, tp, n, h = q.shape
+    kvh = k.shape[2]
+    qb, kb, vb = _blocks(q.reshape(b, tp, kvh, n // kvh, h), bq), _blocks(k, bk), _blocks(v, bk)
 
     @jax.checkpoint
     def one_query_block(qi):
-        q_blk = jax.lax.dynamic_slice_in_dim(q, qi * bq, bq, axis=1).reshape(b, bq, kvh, g, h)
-        q_seg = jax.lax.dynamic_slice_in_dim(m.q_segment_ids, qi * bq, bq, axis=1)
-        q_pos = jax.lax.dynamic_slice_in_dim(m.q_positions, qi * bq, bq, axis=1)
-
-        def step(carry, ki):
-            mx, l, acc = carry
-            k_blk, v_blk = kb[:, ki], vb[:, ki]  # [B, bk, K, H]
-            kv_seg = jax.lax.dynamic_slice_in_dim(m.kv_segment_ids, ki * bk, bk, axis=1)
-            kv_pos = jax.lax.dynamic_slice_in_dim(m.kv_positions, ki * bk, bk, axis=1)
-            kv_pre = None if m.kv_prefix is None else jax.lax.dynamic_slice_in_dim(m.kv_prefix, ki * bk, bk, axis=1)
-            tile = AttentionMask(q_seg, kv_seg, q_pos, kv_pos, kv_pre, causal=m.causal).dense()  # [B, bq, bk]
-            s = jnp.einsum("btkgh,bskh->bkgts", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
-            if bias is not None:
-                if callable(bias):
-                    tb = bias(q_pos, kv_pos)
-                else:
-                    tb = jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_slice_in_dim(bias, qi * bq, bq, 2), ki * bk, bk, 3)
-                s = s + _bias_grouped(tb, kvh)
-            allowed = tile[:, None, None]  # [B, 1, 1, bq, bk]
-            s = jnp.where(allowed, s, NEG_INF)
-            mx_new = jnp.maximum(mx, s.max(-1))  # [B, K, G, bq]
-            p = jnp.exp(s - mx_new[..., None]) * allowed
-            corr = jnp.exp(mx - mx_new)
-            l = l * corr + p.sum(-1)
-            if use_dropout:
-                key = jax.random.fold_in(jax.random.fold_in(dropout_rng, qi), ki)
-                keep = jax.random.bernoulli(key, 1.0 - dropout_rate, p.shape)
-                p = jnp.where(keep, p / (1.0 - dropout_rate), 0.0)
-            acc = acc * corr[..., None] + jnp.einsum("bkgts,bskh->bkgth", p.astype(v.dtype), v_blk,
-                                                     preferred_element_type=jnp.float32)
-            return (mx_new, l, acc), None
-
-        init = (
-            jnp.full((b, kvh, g, bq), NEG_INF, jnp.float32),
-            jnp.zeros((b, kvh, g, bq), jnp.float32),
-            jnp.zeros((b, kvh, g, bq, h), jnp.float32),
-        )
-        (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(nk))
+        acc, l, _ = _online_softmax_rows(qb[:, qi], kb, vb, m, qi, bq=bq, bk=bk, scale=scale, rate=rate, rng=rng,
+                                         bias=bias)
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # rows that see nothing stay zero
-        return out.transpose(0, 3, 1, 2, 4).reshape(b, bq, n, h)  # [B, bq, N, H]
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, bq, n, h)
 
-    blocks = jax.lax.map(one_query_block, jnp.arange(nq))  # [nq, B, bq, N, H]
-    out = blocks.transpose(1, 0, 2, 3, 4).reshape(b, tp, n, h)[:, :t]
-    return out.astype(q.dtype)
+    blocks = jax.lax.map(one_query_block, jnp.arange(tp // bq))  # [nq, B, bq, N, H]
+    return blocks.transpose(1, 0, 2, 3, 4).reshape(b, tp, n, h)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _flash(scale: float, rate: float, bq: int, bk: int, q, k, v, m: AttentionMask, rng):
+    """Blockwise attention without a bias on padded q [B, Tp, N, H], k/v [B, Sp, K, H] (block multiples), with
+    the flash-attention backward pass (Dao et al. 2022): dS = P * (dP - rowsum(dO * O)), P recomputed per tile
+    from the saved log-sum-exp, the dropout masks redrawn from `rng`."""
+    return _flash_fwd(scale, rate, bq, bk, q, k, v, m, rng)[0]
+
+
+def _flash_fwd(scale, rate, bq, bk, q, k, v, m, rng):
+    b, tp, n, h = q.shape
+    kvh = k.shape[2]
+    qb, kb, vb = _blocks(q.reshape(b, tp, kvh, n // kvh, h), bq), _blocks(k, bk), _blocks(v, bk)
+
+    def one_query_block(qi):
+        acc, l, mx = _online_softmax_rows(qb[:, qi], kb, vb, m, qi, bq=bq, bk=bk, scale=scale, rate=rate, rng=rng)
+        seen = l > 0  # rows that see nothing output zero and get no gradient (lse +inf: P = 0)
+        out = acc / jnp.where(seen, l, 1.0)[..., None]
+        lse = jnp.where(seen, mx + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, bq, n, h).astype(q.dtype), lse  # lse [B, K, G, bq]
+
+    out, lse = jax.lax.map(one_query_block, jnp.arange(tp // bq))  # [nq, B, bq, N, H], [nq, B, K, G, bq]
+    out = out.transpose(1, 0, 2, 3, 4).reshape(b, tp, n, h)
+    return out, (q, k, v, m, rng, out, lse)
+
+
+def _flash_bwd(scale, rate, bq, bk, res, do):
+    q, k, v, m, rng, out, lse = res
+    b, tp, n, h = q.shape
+    kvh = k.shape[2]
+    g = n // kvh
+    heads = lambda x: _blocks(x.reshape(b, tp, kvh, g, h), bq)  # [B, nq, bq, K, G, H]
+    qb, dob, kb, vb = heads(q), heads(do.astype(q.dtype)), _blocks(k, bk), _blocks(v, bk)
+    # rowsum(dO * O) per query, [nq, B, K, G, bq] like lse (with dropout too: see _softmax_attention_bwd)
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1).reshape(b, tp // bq, bq, kvh, g)
+    delta = delta.transpose(1, 0, 3, 4, 2)
+
+    def key_block(dq, ki):  # dK, dV of key block ki over all query blocks; dQ accumulated across key blocks
+        k_blk, v_blk = kb[:, ki], vb[:, ki]
+
+        def query_block(carry, qi):
+            dq, dk, dv = carry
+            q_blk, do_blk = qb[:, qi], dob[:, qi]
+            s, allowed = _tile_scores(q_blk, k_blk, m, qi, ki, bq, bk, scale)
+            p = jnp.exp(s - lse[qi][..., None]) * allowed  # [B, K, G, bq, bk], normalised
+            dp = jnp.einsum("btkgh,bskh->bkgts", do_blk, v_blk, preferred_element_type=jnp.float32)
+            p_used = p
+            if rate:
+                keep = _tile_keep(rng, qi, ki, rate, p.shape)
+                p_used, dp = _dropout(p, keep, rate), _dropout(dp, keep, rate)
+            dv = dv + jnp.einsum("bkgts,btkgh->bskh", p_used.astype(q.dtype), do_blk,
+                                 preferred_element_type=jnp.float32)
+            ds = (p * (dp - delta[qi][..., None])).astype(q.dtype)
+            dq = dq.at[:, qi].add(jnp.einsum("bkgts,bskh->btkgh", ds, k_blk, preferred_element_type=jnp.float32))
+            dk = dk + jnp.einsum("bkgts,btkgh->bskh", ds, q_blk, preferred_element_type=jnp.float32)
+            return (dq, dk, dv), None
+
+        zeros = jnp.zeros((b, bk, kvh, h), jnp.float32)
+        (dq, dk, dv), _ = jax.lax.scan(query_block, (dq, zeros, zeros), jnp.arange(tp // bq))
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32), jnp.arange(k.shape[1] // bk))
+    dk, dv = (x.transpose(1, 0, 2, 3, 4).reshape(k.shape) for x in (dk, dv))  # [nk, B, bk, K, H] -> [B, Sp, K, H]
+    return ((dq.reshape(q.shape) * scale).astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype),
+            None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def attend(q, k, v, mask: AttentionMask, *, kernel: str, bias=None, scale: float, block_size: int = 512,
