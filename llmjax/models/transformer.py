@@ -86,6 +86,16 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
+def _bias_as_arrays(bias):
+    """(graphdef, arrays) of the blockwise kernel's bias function (an nnx module: its table must enter a scan or
+    checkpoint as arrays); (None, bias) for an array bias or None. `_bias_from_arrays` undoes it inside."""
+    return nnx.split(bias) if isinstance(bias, nnx.Module) else (None, bias)
+
+
+def _bias_from_arrays(bias_def, bias):
+    return bias if bias_def is None else nnx.merge(bias_def, bias)
+
+
 class Stack(nnx.Module):
     """N blocks with the stack-level pieces: T5 relative bias (computed once per forward, shared by all
     layers) and the final norm of pre-norm models.
@@ -99,6 +109,7 @@ class Stack(nnx.Module):
         self.cfg, self.causal = cfg, causal
         blocks = [Block(cfg, causal=causal, cross=cross, rngs=rngs, num_layers=num_layers, layer_index=i)
                   for i in range(num_layers)]
+        self.scan_steps = num_layers // cfg.scan_period if cfg.scan_layers else 0
         if cfg.scan_layers:
             p = cfg.scan_period
             self.layers = None
@@ -145,14 +156,12 @@ class Stack(nnx.Module):
     def _scanned(self, x, layout, bias, context, caches, cross_caches, deterministic):
         """The scanned stack: one jax.lax.scan step per P layers, under the remat policy when training."""
         graphdef, params, rest = nnx.split(self.blocks, nnx.Param, ...)
-        bias_def = None
-        if isinstance(bias, nnx.Module):  # the blockwise kernel's bias function: its table enters as arrays
-            bias_def, bias = nnx.split(bias)
+        bias_def, bias = _bias_as_arrays(bias)
 
         def step(x, xs):
             unit_params, unit_rest, unit_caches, unit_cross = xs
             unit = nnx.merge(graphdef, unit_params, unit_rest)
-            b = bias if bias_def is None else nnx.merge(bias_def, bias)
+            b = _bias_from_arrays(bias_def, bias)
             new = []
             with collect_stats() as stats:  # MoE statistics leave the scan as outputs, stacked over steps
                 for j, block in enumerate(unit):
@@ -170,7 +179,7 @@ class Stack(nnx.Module):
         x, (streams, new_caches, stats) = jax.lax.scan(step, x, (params, rest, caches, cross_caches))
         if streams is not None:
             nnx.update(self.blocks, jax.tree.unflatten(jax.tree.structure(rest), streams))
-        for u in range(jax.tree.leaves(params)[0].shape[0] if stats else 0):  # as the unrolled stack records them
+        for u in range(self.scan_steps if stats else 0):  # as the unrolled stack records them
             for s in stats:
                 record(jax.tree.map(lambda a, u=u: a[u], s))
         return x, new_caches
@@ -190,26 +199,21 @@ class Stack(nnx.Module):
         empty = lambda: KVCache.empty(batch, length, c.kv_heads, c.head_size, jnp.dtype(c.dtype))
         if self.blocks is None:
             return [empty() for _ in self.layers]
-        steps = jax.tree.leaves(nnx.state(self.blocks))[0].shape[0]
-        return [jax.tree.map(lambda a: jnp.broadcast_to(a, (steps, *a.shape)), empty()) for _ in self.blocks]
+        return [jax.tree.map(lambda a: jnp.broadcast_to(a, (self.scan_steps, *a.shape)), empty()) for _ in self.blocks]
 
     def _remat_layer(self, layer, x, layout, bias, context, deterministic):
         """One block under jax.checkpoint: its activations are recomputed in the backward pass.
         (Split/merge by hand: the layer's dropout RNG state must flow out of the checkpointed function.)"""
         graphdef, state = nnx.split(layer)
+        bias_def, bias = _bias_as_arrays(bias)
 
         def body(state, x, layout, bias, context):
             block = nnx.merge(graphdef, state)
             with collect_stats() as stats:  # MoE statistics leave the checkpoint as outputs, not as tracers
-                out, _ = block(x, layout, bias=bias, context=context, deterministic=deterministic)
+                out, _ = block(x, layout, bias=_bias_from_arrays(bias_def, bias), context=context,
+                               deterministic=deterministic)
             return out, jax.tree.leaves(nnx.state(block)), stats  # plain arrays: Variables must not leave the trace
 
-        if isinstance(bias, nnx.Module):  # the blockwise kernel's bias function: pass its table through too
-            bias_def, bias_state = nnx.split(bias)
-            inner = body
-            body = lambda state, x, layout, bstate, context: inner(state, x, layout, nnx.merge(bias_def, bstate),
-                                                                   context)
-            bias = bias_state
         out, leaves, stats = jax.checkpoint(body, policy=remat_policy(self.cfg), prevent_cse=True)(
             state, x, layout, bias, context)
         nnx.update(layer, jax.tree.unflatten(jax.tree.structure(state), leaves))
