@@ -22,13 +22,14 @@ from llmjax.data import pipeline
 from llmjax.data.prepare import prepare
 from llmjax.data.shards import TOKENIZER_FILE
 from llmjax.data.tokenizer import Tokenizer
+from llmjax.data.vocab import SpecialIds
 from llmjax.generate import generate
 from llmjax.loop import model_of
 from llmjax.config import check_train_config, objective_config_for
 from llmjax.models.config import ConfigError, ModelConfig
 from llmjax.models.flops import train_flops
 from llmjax.models.transformer import build_model
-from llmjax.objectives import check_family
+from llmjax.objectives import check_family, make_objective
 from llmjax.objectives.loss import objective_loss
 from llmjax.params import ParamsMismatch, fitted, flat_values
 from llmjax.runs import load_pretrained
@@ -45,6 +46,11 @@ def check_run_config(cfg, model_cfg: ModelConfig):
         check_family(cfg.objective, model_cfg.family)
     except ValueError as e:
         raise ConfigError(f"objective / model.family: {e}") from None
+    try:  # built once here so that a bad objective_args field is one clear error before data preparation
+        make_objective(cfg.objective, SpecialIds(cfg.data.vocab_size, cfg.data.num_sentinels), model_cfg.family,
+                       **objective_config_for(cfg))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"objective_args ({cfg.objective}): {e}") from None
     if cfg.data.vocab_size != model_cfg.vocab_size:
         raise ConfigError(
             f"data.vocab_size={cfg.data.vocab_size} differs from model.vocab_size={model_cfg.vocab_size}; "
