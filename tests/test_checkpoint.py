@@ -138,6 +138,28 @@ def test_resume_after_sigkill_and_sigterm_is_bit_identical(tmp_path, data_dir):
     assert_same_params(params_of(termed)[1], ref_params)
 
 
+@pytest.mark.slow  # three runs of a tiny model: ~45 s on 2 shared CPU cores, mostly process start and compiles
+def test_ul2_run_resumed_after_sigkill_has_the_losses_of_an_uninterrupted_one(tmp_path, data_dir):
+    """A UL2 mixture draws each example's denoiser from the example's seeded rng, so a run killed after a
+    checkpoint and resumed draws the same denoisers, rows and losses as one that was never interrupted."""
+    steps, ul2 = 10, "--config.objective=ul2"
+    ref = tmp_path / "ref"
+    run(args(ref, data_dir, steps, ul2), tmp_path, devices=1)
+    killed = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        p = spawn(args(killed, data_dir, steps, ul2), log, devices=1)
+        wait_for(killed / "checkpoints" / "4", p)
+        p.kill()
+        p.wait()
+    have = checkpoint.Checkpoints(killed).steps()
+    assert steps not in have and 4 in have, have
+    run(args(killed, data_dir, steps, ul2), tmp_path, devices=1)
+    resumed = f"resuming from checkpoint {killed / 'checkpoints' / str(max(have))}"
+    assert resumed in (tmp_path / "run.log").read_text()
+    assert losses(killed) == losses(ref) and sorted(losses(ref)) == list(range(1, steps + 1))
+    assert_same_params(params_of(killed)[1], params_of(ref)[1])
+
+
 DUMP = """
 import sys, numpy as np, jax
 from llmjax import checkpoint, sharding
