@@ -34,6 +34,9 @@ _CLASSES = {
     "mixture": ("mixture", "Mixture", "MixtureConfig", "max_length"),
 }
 OBJECTIVES = tuple(OBJECTIVE_FAMILIES)
+# objectives whose decoder-only examples start with a bidirectional prefix (prefix_mask): prompts to a decoder
+# trained with one are a prefix too
+PREFIX_OBJECTIVES = ("prefix_lm", "ul2", "ul2r", "mixture")
 
 
 def check_family(objective: str, family: str) -> None:
