@@ -150,3 +150,14 @@ def test_train_config_check_names_objective_args():
     cfg.objective_args.denoisers = [{"objective": "span_corruption", "rate": 1, "mean_noise_span_length": 0.5}]
     with pytest.raises(ConfigError, match=r"objective_args \(ul2\): ul2 denoiser 0 .*mean_noise_span_length must"):
         check_run_config(cfg, ModelConfig.from_dict(cfg.model))
+
+
+def test_infill_probe_format_of_a_mixture():
+    """llmjax compare probes a mixture's infilling in its first span denoiser's format, with its mode token."""
+    ul2 = make_objective("ul2", IDS, "decoder", max_length=64)
+    assert ul2.infill_format() == ("span_corruption", IDS.mode("[NLU]"))
+    assert make_objective("ul2r", IDS, "encoder_decoder", max_length=64,
+                          mode_tokens=False).infill_format() == ("span_corruption", None)
+    custom = make_objective("mixture", IDS, "decoder", max_length=64, denoisers=[
+        {"objective": "causal_lm", "rate": 1}, {"objective": "prefix_lm", "rate": 1, "mode": "[S2S]"}])
+    assert custom.infill_format() == ("prefix_lm", IDS.mode("[S2S]"))

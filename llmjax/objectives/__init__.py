@@ -34,9 +34,10 @@ _CLASSES = {
     "mixture": ("mixture", "Mixture", "MixtureConfig", "max_length"),
 }
 OBJECTIVES = tuple(OBJECTIVE_FAMILIES)
+MIXTURES = ("ul2", "ul2r", "mixture")  # the mixtures of denoisers (mixture.py)
 # objectives whose decoder-only examples start with a bidirectional prefix (prefix_mask): prompts to a decoder
 # trained with one are a prefix too
-PREFIX_OBJECTIVES = ("prefix_lm", "ul2", "ul2r", "mixture")
+PREFIX_OBJECTIVES = ("prefix_lm", *MIXTURES)
 
 
 def check_family(objective: str, family: str) -> None:

@@ -169,6 +169,15 @@ class Mixture:
             return {"encoder": self.config.max_length, "decoder": self.config.max_length}
         return self.config.max_length
 
+    def infill_format(self) -> tuple[str, int | None]:
+        """(objective, mode token id or None) whose example format an infilling probe of a model trained on
+        this mixture uses: its first span-corruption denoiser's, else its first prefix-LM one's, else causal."""
+        for objective in ("span_corruption", "prefix_lm", "causal_lm"):
+            for d, mode in zip(self.config.denoisers, self._modes):
+                if d.objective == objective:
+                    return objective, (int(mode[0]) if len(mode) else None)
+        raise AssertionError("a mixture has at least one denoiser")
+
     def _part(self, d: Denoiser, mode_length: int):
         """(the denoiser's objective, the longest piece of document it takes) for max_length."""
         length = self.config.max_length
