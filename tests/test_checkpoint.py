@@ -138,7 +138,7 @@ def test_resume_after_sigkill_and_sigterm_is_bit_identical(tmp_path, data_dir):
     assert_same_params(params_of(termed)[1], ref_params)
 
 
-@pytest.mark.slow  # three runs of a tiny model: ~45 s on 2 shared CPU cores, mostly process start and compiles
+@pytest.mark.slow  # three runs of a tiny model: 30-45 s on 2 shared CPU cores, mostly process starts and compiles
 def test_ul2_run_resumed_after_sigkill_has_the_losses_of_an_uninterrupted_one(tmp_path, data_dir):
     """A UL2 mixture draws each example's denoiser from the example's seeded rng, so a run killed after a
     checkpoint and resumed draws the same denoisers, rows and losses as one that was never interrupted."""
