@@ -96,11 +96,13 @@ def _span(mean: float, density: float, mode: str) -> Denoiser:
     return Denoiser("span_corruption", 1.0, mode, noise_density=density, mean_noise_span_length=mean)
 
 
-# UL2 (Tay et al. 2022, "UL2: Unifying Language Learning Paradigms", §3.1.2): R-denoisers (mean span 3 and 8 at
-# density 0.15), X-denoisers (mean span 3 and 8 at density 0.5; 64 at 0.15 and 0.5) and the S-denoiser (prefix
-# LM; the paper's SpanCorrupt(mu = L/4, r = 0.25, n = 1): one span at the end, a quarter of the text on average).
-# Our choices where the paper leaves them open: the S-denoiser's prefix is a uniform 50-100% of the piece (its
-# target a uniform 0-50%, 25% on average), and the rates: S 25%, the six span denoisers 12.5% each.
+# UL2 (Tay et al. 2022, "UL2: Unifying Language Learning Paradigms", its Mixture of Denoisers): R-denoisers
+# (mean span 3 and 8 at density 0.15), X-denoisers (mean span 3 and 8 at density 0.5; 64 at 0.15 and 0.5) and
+# the S-denoiser (prefix LM; the paper's SpanCorrupt(mu = L/4, r = 0.25, n = 1): one span at the end, a quarter
+# of the text on average).
+# Our choices where the paper leaves them open (or where we could not check its text): the S-denoiser's prefix
+# is a uniform 50-100% of the piece (its target a uniform 0-50%, 25% on average), and the rates: S 25%, the six
+# span denoisers 12.5% each.
 UL2_DENOISERS = (
     _span(3, 0.15, "[NLU]"), _span(8, 0.15, "[NLU]"),
     _span(3, 0.5, "[NLG]"), _span(8, 0.5, "[NLG]"), _span(64, 0.15, "[NLG]"), _span(64, 0.5, "[NLG]"),
