@@ -99,6 +99,17 @@ def initial_params(init_from, model_cfg: ModelConfig, seed: int) -> tuple[dict, 
     return values, tokenizer
 
 
+def check_resume_tokenizer(workdir, data_dir, checkpoint) -> None:
+    """Refuse to resume a run whose data now has another tokenizer than the one it was trained with (kept in the
+    workdir): the same ids would mean other pieces, e.g. after a data setting changed, or with data prepared by
+    an llmjax that reserves other ids (ids 7-9 became UL2's mode tokens in tokenizer trainer version 2)."""
+    kept = workdir / TOKENIZER_FILE
+    if kept.exists() and kept.read_bytes() != (data_dir / TOKENIZER_FILE).read_bytes():
+        raise ConfigError(f"cannot resume from {checkpoint}: the run was trained with the tokenizer {kept} but its "
+                          f"data {data_dir} has another one (a data setting changed, or the data was prepared by "
+                          "another llmjax version); resume with the run's data settings or start a new workdir")
+
+
 def _train_and_evaluate(cfg, workdir, model_cfg: ModelConfig, mesh, *, progress: bool, initial=None) -> dict:
     is_writer = jax.process_index() == 0
     tc = cfg.train
@@ -132,6 +143,7 @@ def _train_and_evaluate(cfg, workdir, model_cfg: ModelConfig, mesh, *, progress:
     start = loop.start_state(model_cfg, tx, mesh, rules, tc.seed, checkpoints=checkpoints, cfg_json=cfg_json,
                              values=values)
     if start.resumed_from is not None:
+        check_resume_tokenizer(workdir, data_dir, start.resumed_from)
         log.info("resuming from checkpoint %s at step %d", start.resumed_from, start.step)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(start.state.params))
     log.info("model: %s family, %.2fM parameters; mesh %s", model_cfg.family, n_params / 1e6, dict(mesh.shape))

@@ -17,8 +17,11 @@ from flax import nnx
 
 from helpers.cli_errors import user_error
 from llmjax import checkpoint, cli
+from llmjax.data.shards import TOKENIZER_FILE
+from llmjax.models.config import ConfigError
 from llmjax.params import key_name
 from llmjax.metrics import read_metrics
+from llmjax.train import check_resume_tokenizer
 
 ROOT = pathlib.Path(__file__).parent.parent
 CONFIG = ROOT / "configs" / "gpt_tiny.py"
@@ -158,6 +161,20 @@ def test_ul2_run_resumed_after_sigkill_has_the_losses_of_an_uninterrupted_one(tm
     assert resumed in (tmp_path / "run.log").read_text()
     assert losses(killed) == losses(ref) and sorted(losses(ref)) == list(range(1, steps + 1))
     assert_same_params(params_of(killed)[1], params_of(ref)[1])
+
+
+def test_a_resume_whose_data_has_another_tokenizer_is_refused(tmp_path):
+    """The run keeps its tokenizer: data re-prepared with another one (e.g. by an llmjax reserving other ids)
+    would give the trained ids other meanings, so the resume stops with an error naming both."""
+    run, data = tmp_path / "run", tmp_path / "data"
+    for d in (run, data):
+        d.mkdir()
+        (d / TOKENIZER_FILE).write_bytes(b"tokenizer v1")
+    check_resume_tokenizer(run, data, run / "checkpoints" / "4")  # the same tokenizer: the resume goes on
+    (data / TOKENIZER_FILE).write_bytes(b"tokenizer v2")
+    with pytest.raises(ConfigError, match=r"cannot resume from .*4: the run was trained with the tokenizer .*run/"
+                                          r"tokenizer.model but its data .*data has another one"):
+        check_resume_tokenizer(run, data, run / "checkpoints" / "4")
 
 
 DUMP = """
