@@ -54,7 +54,7 @@ from llmjax.models.config import ConfigError, ModelConfig
 from llmjax.models.flops import train_flops
 from llmjax.models.layers import Linear, count_params
 from llmjax.models.transformer import build_model
-from llmjax.objectives import decoder_example, encoder_decoder_example, losses, make_objective
+from llmjax.objectives import MIXTURES, decoder_example, encoder_decoder_example, losses, make_objective
 from llmjax.objectives.span_corruption import corrupt
 from llmjax.state import TrainState, make_optimizer, replicated_state
 from llmjax.step import batch_shardings, global_batch, make_eval_step, make_train_step
@@ -232,7 +232,11 @@ def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, token
     model = _model_from(model_cfg, state)
     ys = grid.yardsticks
     windows = validation_windows(data_dir, ys)
-    infill = infill_accuracy(model, cfg.objective, windows, tokenizer.special_ids, ys,
+    infill_objective, mode = cfg.objective, None
+    if cfg.objective in MIXTURES:  # probed in the format of one of its denoisers, with its mode token
+        infill_objective, mode = make_objective(cfg.objective, tokenizer.special_ids, model_cfg.family,
+                                                **objective_config_for(cfg)).infill_format()
+    infill = infill_accuracy(model, infill_objective, windows, tokenizer.special_ids, ys, mode=mode,
                              bidirectional_inputs=bool(cfg.objective_args.get("bidirectional_inputs", True)))
     probe = probe_accuracy(model_cfg, state, cfg, data_dir, tokenizer, ys, seed=int(grid.seed))
     ppl = None
@@ -382,14 +386,17 @@ def continuation_perplexity(model, windows: np.ndarray, ids, ys) -> float:
     return float(math.exp(loss / weight))
 
 
-def infill_accuracy(model, objective: str, windows: np.ndarray, ids, ys, *, bidirectional_inputs: bool = True) -> float:
+def infill_accuracy(model, objective: str, windows: np.ndarray, ids, ys, *, bidirectional_inputs: bool = True,
+                    mode: int | None = None) -> float:
     """Teacher-forced accuracy on a span of `infill_span` tokens in the middle of every window, hidden in
-    the format of the model's own objective (bidirectional_inputs: span corruption's decoder option)."""
+    the format of the model's own objective (bidirectional_inputs: span corruption's decoder option; mode: a
+    mixture's mode token, leading the inputs, which a decoder then sees as a bidirectional prefix)."""
 
     k = int(ys.infill_span)
     n = windows.shape[1]
     a = n // 2
     family = model.cfg.family
+    lead = np.array([] if mode is None else [mode], np.int32)
     examples = []
     for w in windows:
         span = w[a:a + k]
@@ -403,9 +410,9 @@ def infill_accuracy(model, objective: str, windows: np.ndarray, ids, ys, *, bidi
             mask = np.zeros(n, bool)
             mask[a:a + k] = True
             inputs, targets = corrupt(w, mask, ids)
-            examples.append((inputs, targets, slice(1, 1 + k)))
+            examples.append((np.concatenate([lead, inputs]), targets, slice(1, 1 + k)))
         else:  # causal / prefix LM: the left context, then the span
-            examples.append((w[:a], span, slice(0, k)))
+            examples.append((np.concatenate([lead, w[:a]]), span, slice(0, k)))
     if objective == "mlm":
         batches = []
         for chunk in _chunks(examples, ys.eval_batch_size):
@@ -420,7 +427,8 @@ def infill_accuracy(model, objective: str, windows: np.ndarray, ids, ys, *, bidi
             pairs = [(e if objective == "span_corruption" else np.concatenate([e, eos]), t) for e, t, _ in chunk]
             batches.append(_encdec_rows(pairs, ids, scored=[s for _, _, s in chunk]))
     else:
-        prefix = objective == "prefix_lm" or (objective == "span_corruption" and bidirectional_inputs)
+        prefix = (objective == "prefix_lm" or (objective == "span_corruption" and bidirectional_inputs)
+                  or mode is not None)
         batches = [_decoder_rows([(e, t) for e, t, _ in chunk], ids, prefix_lm=prefix,
                                  scored=[s for _, _, s in chunk])
                    for chunk in _chunks(examples, ys.eval_batch_size)]

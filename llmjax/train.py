@@ -22,13 +22,14 @@ from llmjax.data import pipeline
 from llmjax.data.prepare import prepare
 from llmjax.data.shards import TOKENIZER_FILE
 from llmjax.data.tokenizer import Tokenizer
+from llmjax.data.vocab import SpecialIds
 from llmjax.generate import generate
 from llmjax.loop import model_of
 from llmjax.config import check_train_config, objective_config_for
 from llmjax.models.config import ConfigError, ModelConfig
 from llmjax.models.flops import train_flops
 from llmjax.models.transformer import build_model
-from llmjax.objectives import check_family
+from llmjax.objectives import check_family, make_objective
 from llmjax.objectives.loss import objective_loss
 from llmjax.params import ParamsMismatch, fitted, flat_values
 from llmjax.runs import load_pretrained
@@ -45,6 +46,11 @@ def check_run_config(cfg, model_cfg: ModelConfig):
         check_family(cfg.objective, model_cfg.family)
     except ValueError as e:
         raise ConfigError(f"objective / model.family: {e}") from None
+    try:  # built once here so that a bad objective_args field is one clear error before data preparation
+        make_objective(cfg.objective, SpecialIds(cfg.data.vocab_size, cfg.data.num_sentinels), model_cfg.family,
+                       **objective_config_for(cfg))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"objective_args ({cfg.objective}): {e}") from None
     if cfg.data.vocab_size != model_cfg.vocab_size:
         raise ConfigError(
             f"data.vocab_size={cfg.data.vocab_size} differs from model.vocab_size={model_cfg.vocab_size}; "
@@ -93,6 +99,17 @@ def initial_params(init_from, model_cfg: ModelConfig, seed: int) -> tuple[dict, 
     return values, tokenizer
 
 
+def check_resume_tokenizer(workdir, data_dir, checkpoint) -> None:
+    """Refuse to resume a run whose data now has another tokenizer than the one it was trained with (kept in the
+    workdir): the same ids would mean other pieces, e.g. after a data setting changed, or with data prepared by
+    an llmjax that reserves other ids (ids 7-9 became UL2's mode tokens in tokenizer trainer version 2)."""
+    kept = workdir / TOKENIZER_FILE
+    if kept.exists() and kept.read_bytes() != (data_dir / TOKENIZER_FILE).read_bytes():
+        raise ConfigError(f"cannot resume from {checkpoint}: the run was trained with the tokenizer {kept} but its "
+                          f"data {data_dir} has another one (a data setting changed, or the data was prepared by "
+                          "another llmjax version); resume with the run's data settings or start a new workdir")
+
+
 def _train_and_evaluate(cfg, workdir, model_cfg: ModelConfig, mesh, *, progress: bool, initial=None) -> dict:
     is_writer = jax.process_index() == 0
     tc = cfg.train
@@ -126,6 +143,7 @@ def _train_and_evaluate(cfg, workdir, model_cfg: ModelConfig, mesh, *, progress:
     start = loop.start_state(model_cfg, tx, mesh, rules, tc.seed, checkpoints=checkpoints, cfg_json=cfg_json,
                              values=values)
     if start.resumed_from is not None:
+        check_resume_tokenizer(workdir, data_dir, start.resumed_from)
         log.info("resuming from checkpoint %s at step %d", start.resumed_from, start.step)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(start.state.params))
     log.info("model: %s family, %.2fM parameters; mesh %s", model_cfg.family, n_params / 1e6, dict(mesh.shape))

@@ -17,8 +17,11 @@ from flax import nnx
 
 from helpers.cli_errors import user_error
 from llmjax import checkpoint, cli
+from llmjax.data.shards import TOKENIZER_FILE
+from llmjax.models.config import ConfigError
 from llmjax.params import key_name
 from llmjax.metrics import read_metrics
+from llmjax.train import check_resume_tokenizer
 
 ROOT = pathlib.Path(__file__).parent.parent
 CONFIG = ROOT / "configs" / "gpt_tiny.py"
@@ -136,6 +139,42 @@ def test_resume_after_sigkill_and_sigterm_is_bit_identical(tmp_path, data_dir):
     got = losses(termed)
     assert got == ref_losses
     assert_same_params(params_of(termed)[1], ref_params)
+
+
+@pytest.mark.slow  # three runs of a tiny model: 30-45 s on 2 shared CPU cores, mostly process starts and compiles
+def test_ul2_run_resumed_after_sigkill_has_the_losses_of_an_uninterrupted_one(tmp_path, data_dir):
+    """A UL2 mixture draws each example's denoiser from the example's seeded rng, so a run killed after a
+    checkpoint and resumed draws the same denoisers, rows and losses as one that was never interrupted."""
+    steps, ul2 = 10, "--config.objective=ul2"
+    ref = tmp_path / "ref"
+    run(args(ref, data_dir, steps, ul2), tmp_path, devices=1)
+    killed = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        p = spawn(args(killed, data_dir, steps, ul2), log, devices=1)
+        wait_for(killed / "checkpoints" / "4", p)
+        p.kill()
+        p.wait()
+    have = checkpoint.Checkpoints(killed).steps()
+    assert steps not in have and 4 in have, have
+    run(args(killed, data_dir, steps, ul2), tmp_path, devices=1)
+    resumed = f"resuming from checkpoint {killed / 'checkpoints' / str(max(have))}"
+    assert resumed in (tmp_path / "run.log").read_text()
+    assert losses(killed) == losses(ref) and sorted(losses(ref)) == list(range(1, steps + 1))
+    assert_same_params(params_of(killed)[1], params_of(ref)[1])
+
+
+def test_a_resume_whose_data_has_another_tokenizer_is_refused(tmp_path):
+    """The run keeps its tokenizer: data re-prepared with another one (e.g. by an llmjax reserving other ids)
+    would give the trained ids other meanings, so the resume stops with an error naming both."""
+    run, data = tmp_path / "run", tmp_path / "data"
+    for d in (run, data):
+        d.mkdir()
+        (d / TOKENIZER_FILE).write_bytes(b"tokenizer v1")
+    check_resume_tokenizer(run, data, run / "checkpoints" / "4")  # the same tokenizer: the resume goes on
+    (data / TOKENIZER_FILE).write_bytes(b"tokenizer v2")
+    with pytest.raises(ConfigError, match=r"cannot resume from .*4: the run was trained with the tokenizer .*run/"
+                                          r"tokenizer.model but its data .*data has another one"):
+        check_resume_tokenizer(run, data, run / "checkpoints" / "4")
 
 
 DUMP = """

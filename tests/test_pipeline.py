@@ -30,6 +30,8 @@ OBJECTIVES = {
     "mlm": ("mlm", "encoder", dict(max_length=64)),
     "mlm_whole_word": ("mlm", "encoder", dict(max_length=64, whole_word=True)),
     "mlm_nsp": ("mlm", "encoder", dict(max_length=64, nsp=True)),
+    "ul2_decoder": ("ul2", "decoder", dict(max_length=64)),
+    "ul2r_encdec": ("ul2r", "encoder_decoder", dict(max_length=48)),
 }
 
 
@@ -118,7 +120,7 @@ def test_mlm_masking_is_reproducible(data_dir):
 
 
 # ----------------------------------------------------------------------------------------- processes
-@pytest.mark.parametrize("key", ["causal_lm", "span_encdec", "mlm_nsp"])
+@pytest.mark.parametrize("key", ["causal_lm", "span_encdec", "mlm_nsp", "ul2_decoder"])
 def test_processes_build_disjoint_slices_of_one_global_batch(data_dir, key):
     shards = TokenShards(data_dir, "train")
     whole = Recording(shards)
@@ -154,7 +156,7 @@ def test_state_of_one_process_restores_on_two(data_dir):
 
 
 # ---------------------------------------------------------------------------------------------- resume
-@pytest.mark.parametrize("key,workers", [("mlm_nsp", 0), ("span_encdec", 0), ("causal_lm", 2)])
+@pytest.mark.parametrize("key,workers", [("mlm_nsp", 0), ("span_encdec", 0), ("causal_lm", 2), ("ul2r_encdec", 2)])
 def test_restored_state_continues_with_the_next_batch(data_dir, key, workers):
     it = train(data_dir, key, num_workers=workers)
     head = take(it, 2)

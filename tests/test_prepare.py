@@ -284,7 +284,7 @@ def _bad_configs(tmp_path):
         "missing file": ({"sources": (str(tmp_path / "missing.txt"),)}, r"missing\.txt does not exist"),
         "unknown type": ({"sources": (str(tmp_path / "data.csv"),)}, r"data\.csv from its extension '\.csv'"),
         "empty corpus": ({"sources": (str(tmp_path / "empty.txt"),)}, r"corpus is empty: data.sources=\["),
-        "vocab too small": ({"vocab_size": 400}, r"data\.vocab_size=400: too small .* at least 427"),
+        "vocab too small": ({"vocab_size": 400}, r"data\.vocab_size=400: too small .* at least 430"),
         "bad fraction": ({"validation_fraction": 1.5}, r"data\.validation_fraction=1\.5: must be in \[0, 1\)"),
         "bad type": ({"tokenizer_type": "wordpiece"}, r"data\.tokenizer_type='wordpiece'"),
         "missing model": ({"tokenizer_model": str(tmp_path / "no.model")}, r"tokenizer_model=.*no\.model.*no such"),

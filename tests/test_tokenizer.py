@@ -48,8 +48,12 @@ def pieces(tok, ids):
 
 def test_reserved_ids_exactly_as_documented(tok):
     assert tok.vocab_size == VOCAB
-    assert [tok.id_to_piece(i) for i in range(7)] == list(RESERVED_PIECES)
-    assert [tok.id_to_piece(i) for i in range(7)] == ["<pad>", "</s>", "<unk>", "<s>", "[CLS]", "[SEP]", "[MASK]"]
+    assert [tok.id_to_piece(i) for i in range(10)] == list(RESERVED_PIECES)
+    assert [tok.id_to_piece(i) for i in range(10)] == ["<pad>", "</s>", "<unk>", "<s>", "[CLS]", "[SEP]", "[MASK]",
+                                                       "[NLU]", "[NLG]", "[S2S]"]
+    assert [tok.special_ids.mode(p) for p in ("[NLU]", "[NLG]", "[S2S]")] == [7, 8, 9]
+    # UL2's mode tokens are control pieces: text never becomes them, parse_special does
+    assert tok.encode("[NLU] x")[0] != 7 and tok.encode("[S2S] x", parse_special=True)[0] == 9
     assert tok.special_ids == SpecialIds(VOCAB, SENTINELS)
     sp = spm.SentencePieceProcessor(model_proto=tok.model_bytes)  # the raw model agrees
     assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, 3)
@@ -139,7 +143,7 @@ def test_training_is_deterministic_and_bpe_works(texts, tok):
     a = train_tokenizer(small, vocab_size=600, num_sentinels=10, model_type="bpe", max_sentences=500)
     b = train_tokenizer(small, vocab_size=600, num_sentinels=10, model_type="bpe", max_sentences=500)
     assert a.sha256 == b.sha256 and a.model_type == "bpe"
-    assert [a.id_to_piece(i) for i in range(7)] == list(RESERVED_PIECES)
+    assert [a.id_to_piece(i) for i in range(len(RESERVED_PIECES))] == list(RESERVED_PIECES)
     assert a.id_to_piece(599) == "<extra_id_0>" and a.id_to_piece(590) == "<extra_id_9>"
     assert all(a.decode(a.encode(t)) == t for t in small + ROUND_TRIP)
 
@@ -161,10 +165,18 @@ def test_foreign_model_fails_clearly(texts, tmp_path):
     assert "'<pad>'" in str(e.value)
 
 
+def test_model_without_mode_tokens_fails_clearly(texts, tmp_path):
+    """A tokenizer made before UL2's mode tokens were reserved (ids 7-9 are learned pieces) is refused."""
+    path = _plain_sentencepiece(texts, tmp_path / "old.model", pad_id=0, eos_id=1, unk_id=2, bos_id=3,
+                                user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"])
+    with pytest.raises(TokenizerError, match=r"id 7 is .* reserves it for '\[NLU\]' \(ids 0-9 must be"):
+        Tokenizer.load(path, num_sentinels=0)
+
+
 def test_model_without_sentinels_fails_clearly(texts, tmp_path):
     path = _plain_sentencepiece(
         texts, tmp_path / "nosentinels.model", pad_id=0, eos_id=1, unk_id=2, bos_id=3,
-        user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"])
+        user_defined_symbols=list(RESERVED_PIECES[4:]))
     with pytest.raises(TokenizerError, match=r"has 0 sentinels .* 100 were asked for .*num_sentinels=0") as e:
         Tokenizer.load(path, num_sentinels=100)
     assert str(path) in str(e.value)

@@ -7,6 +7,7 @@ import argparse
 
 from llmjax import storage
 from llmjax.generate import METHODS, generate
+from llmjax.objectives import PREFIX_OBJECTIVES
 from llmjax.runs import RunError, load_for_inference
 
 EXAMPLE = "llmjax generate --workdir runs/gpt_tiny --prompt 'The ' --method sample --top-k 40"
@@ -49,7 +50,7 @@ def main(args: list[str]) -> int:
         prompts = [[tok.special_ids.bos] + tok.encode(s, parse_special=True) for s in ns.prompt]
     else:  # the encoder input ends with eos, as in pretraining; '<extra_id_0>' etc. are sentinels
         prompts = [tok.encode(s, parse_special=True) + [tok.special_ids.eos] for s in ns.prompt]
-    prefix_lm = family == "decoder" and cfg.get("objective") == "prefix_lm"
+    prefix_lm = family == "decoder" and cfg.get("objective") in PREFIX_OBJECTIVES
     try:
         out = generate(model, prompts, max_new_tokens=ns.max_new_tokens, method=ns.method,
                        temperature=ns.temperature, top_k=ns.top_k, top_p=ns.top_p, num_beams=ns.num_beams,

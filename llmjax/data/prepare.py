@@ -52,6 +52,7 @@ from llmjax.data.tokenizer import (
     min_vocab_size,
     train_tokenizer,
 )
+from llmjax.data.vocab import RESERVED_PIECES
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.max_documents = 0  # use only the first N documents (0 = all); for quick experiments
     c.tokenizer_model = ""  # an existing llmjax SentencePiece .model, or '' to train one
     c.tokenizer_type = "unigram"  # 'unigram' | 'bpe' (when training)
-    c.vocab_size = 8192  # including the 7 reserved ids and the sentinels; must match tokenizer_model
+    c.vocab_size = 8192  # including the 10 reserved ids and the sentinels; must match tokenizer_model
     c.num_sentinels = 100  # T5 '<extra_id_i>' pieces at the top of the vocabulary
     c.max_train_sentences = 20_000  # paragraphs sampled to train SentencePiece (speed vs quality)
     c.character_coverage = 0.9995  # the rarest characters fall back to bytes
@@ -123,8 +124,8 @@ def validate_data_config(cfg) -> None:
     if not cfg.tokenizer_model:
         smallest = min_vocab_size(cfg.num_sentinels)
         need(cfg.vocab_size >= smallest, "vocab_size",
-             f"too small to train a tokenizer: 7 reserved ids + 256 byte pieces + {cfg.num_sentinels} sentinels "
-             f"(data.num_sentinels) + 64 learned pieces need at least {smallest}")
+             f"too small to train a tokenizer: {len(RESERVED_PIECES)} reserved ids + 256 byte pieces + "
+             f"{cfg.num_sentinels} sentinels (data.num_sentinels) + 64 learned pieces need at least {smallest}")
     need(is_int(cfg.max_train_sentences) and cfg.max_train_sentences >= 1, "max_train_sentences", "must be an int >= 1")
     need(isinstance(cfg.character_coverage, float) and 0 < cfg.character_coverage <= 1, "character_coverage",
          "must be in (0, 1]")

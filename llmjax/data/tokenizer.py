@@ -7,8 +7,9 @@ Text choices, made so that `decode(encode(text)) == text` for code and docs as w
 - newlines are ordinary characters: training sentences keep them, so pieces like '):\\n' exist;
 - byte_fallback=True: a character outside the vocabulary becomes its UTF-8 bytes, never '<unk>';
 - split_digits=True: numbers are spelled digit by digit, as in Llama/PaLM.
-[CLS], [SEP], [MASK] and the sentinels are CONTROL pieces: `encode` never produces them from text (a
-literal "[MASK]" in a corpus must not become the mask id); `parse_special=True` opts in.
+[CLS], [SEP], [MASK], UL2's mode tokens ([NLU], [NLG], [S2S]) and the sentinels are CONTROL pieces: `encode`
+never produces them from text (a literal "[MASK]" in a corpus must not become the mask id); `parse_special=True`
+opts in.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from llmjax.data.vocab import BOS_ID, EOS_ID, PAD_ID, RESERVED_PIECES, UNK_ID, S
 
 MODEL_TYPES = ("unigram", "bpe")
 # Bump when `train_tokenizer` changes what it makes from the same inputs (part of the data fingerprint).
-TRAINER_VERSION = 1
+TRAINER_VERSION = 2  # 2: UL2's mode tokens [NLU], [NLG], [S2S] reserved at ids 7-9
 SENTINEL_PIECE = "<extra_id_{}>"
 NUM_BYTE_PIECES = 256
 MIN_LEARNED_PIECES = 64  # below this a vocabulary is all bytes and single characters
@@ -209,7 +210,7 @@ def _check_reserved(proto: model_pb2.ModelProto, num_sentinels: int | None, sour
         if pieces[i] != expected:
             raise TokenizerError(
                 f"tokenizer model {source}: id {i} is {pieces[i]!r} but llmjax reserves it for {expected!r} "
-                f"(ids 0-6 must be {', '.join(RESERVED_PIECES)}); {fix}")
+                f"(ids 0-{len(RESERVED_PIECES) - 1} must be {', '.join(RESERVED_PIECES)}); {fix}")
     if proto.pieces[UNK_ID].type != _Piece.UNKNOWN:
         raise TokenizerError(
             f"tokenizer model {source}: id {UNK_ID} ({pieces[UNK_ID]!r}) is not the unknown piece; {fix}")

@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 # Fixed ids at the bottom of the vocabulary (T5's pad=0, eos=1, unk=2 order, then the rest).
-PAD_ID, EOS_ID, UNK_ID, BOS_ID, CLS_ID, SEP_ID, MASK_ID = range(7)
-RESERVED_PIECES = ("<pad>", "</s>", "<unk>", "<s>", "[CLS]", "[SEP]", "[MASK]")
+PAD_ID, EOS_ID, UNK_ID, BOS_ID, CLS_ID, SEP_ID, MASK_ID, NLU_ID, NLG_ID, S2S_ID = range(10)
+# UL2's mode (paradigm) tokens, named as in the released UL2 checkpoints and U-PaLM (Tay et al. 2022, 2022b):
+# [NLU] marks R-denoiser (regular span corruption) examples, [NLG] X-denoiser (extreme) ones, [S2S] S-denoiser
+# (prefix LM) ones; a mixture objective prepends one to the inputs (llmjax.objectives.mixture).
+MODE_PIECES = ("[NLU]", "[NLG]", "[S2S]")
+RESERVED_PIECES = ("<pad>", "</s>", "<unk>", "<s>", "[CLS]", "[SEP]", "[MASK]", *MODE_PIECES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +27,12 @@ class SpecialIds:
     cls: int = CLS_ID
     sep: int = SEP_ID
     mask: int = MASK_ID
+
+    def mode(self, piece: str) -> int:
+        """The id of mode token `piece` ('[NLU]', '[NLG]' or '[S2S]')."""
+        if piece not in MODE_PIECES:
+            raise ValueError(f"unknown mode token {piece!r}; the reserved mode tokens are {', '.join(MODE_PIECES)}")
+        return RESERVED_PIECES.index(piece)
 
     def sentinel(self, i: int) -> int:
         if not 0 <= i < self.num_sentinels:

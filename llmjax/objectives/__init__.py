@@ -16,6 +16,10 @@ OBJECTIVE_FAMILIES: dict[str, tuple[str, ...]] = {
     "prefix_lm": ("decoder", "encoder_decoder"),
     "mlm": ("encoder",),
     "span_corruption": ("encoder_decoder", "decoder"),
+    # mixtures of denoisers (mixture.py): UL2's and UL2R's, or the denoisers listed in objective_args
+    "ul2": ("encoder_decoder", "decoder"),
+    "ul2r": ("decoder", "encoder_decoder"),
+    "mixture": ("encoder_decoder", "decoder"),
 }
 
 # objective name -> (module, objective class, config class, the config field that train.seq_length fills);
@@ -25,8 +29,15 @@ _CLASSES = {
     "prefix_lm": ("prefix_lm", "PrefixLM", "PrefixLMConfig", "max_length"),
     "mlm": ("mlm", "MLM", "MLMConfig", "max_length"),
     "span_corruption": ("span_corruption", "SpanCorruption", "SpanCorruptionConfig", "inputs_length"),
+    "ul2": ("mixture", "UL2", "UL2Config", "max_length"),
+    "ul2r": ("mixture", "UL2R", "UL2RConfig", "max_length"),
+    "mixture": ("mixture", "Mixture", "MixtureConfig", "max_length"),
 }
 OBJECTIVES = tuple(OBJECTIVE_FAMILIES)
+MIXTURES = ("ul2", "ul2r", "mixture")  # the mixtures of denoisers (mixture.py)
+# objectives whose decoder-only examples start with a bidirectional prefix (prefix_mask): prompts to a decoder
+# trained with one are a prefix too
+PREFIX_OBJECTIVES = ("prefix_lm", *MIXTURES)
 
 
 def check_family(objective: str, family: str) -> None:

@@ -63,6 +63,9 @@ OBJECTIVE_LOSS = {
     "prefix_lm": (lm_loss, token_weights),
     "span_corruption": (lm_loss, token_weights),
     "mlm": (mlm_loss, token_weights),
+    "ul2": (lm_loss, token_weights),
+    "ul2r": (lm_loss, token_weights),
+    "mixture": (lm_loss, token_weights),
 }
 assert set(OBJECTIVE_LOSS) == set(OBJECTIVE_FAMILIES), "every objective names its loss"
 
