@@ -124,8 +124,7 @@ def test_blockwise_flash_backward_matches_autodiff(kind):
                                                      rng=key))(q, k, v)
     for got, want in zip(jax.tree.leaves(dropped), jax.tree.leaves(autodiff)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
-    undropped = grad(lambda q, k, v: _flash(0.3, 0.0, 8, 8, q, k, v, mask, None))(q, k, v)
-    assert not np.allclose(np.asarray(dropped[1][0]), np.asarray(undropped[1][0]))  # dropout did act
+    assert not np.allclose(np.asarray(dropped[1][0])[:, :t], np.asarray(flash[1][0]))  # dropout did act
 
 
 def test_mask_semantics():

@@ -1,5 +1,6 @@
 """End to end: each tiny config trains with its classic objective through `llmjax train` and its
-validation loss falls clearly; the workdir gets config, metrics, TensorBoard events and loss.png."""
+validation loss falls clearly; the workdir gets config, metrics, TensorBoard events and loss.png; the first
+losses are the golden ones (helpers/golden.py)."""
 
 import json
 import pathlib
@@ -7,12 +8,13 @@ import pathlib
 import pytest
 
 from helpers.cli_process import run_cli
+from helpers.golden import check_first_losses
 from llmjax.metrics import read_metrics
 
 CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
 SMALL = ["--config.data.max_documents=600", "--config.data.vocab_size=1500", "--config.model.vocab_size=1500",
-         "--config.train.steps=40", "--config.train.log_every=10", "--config.train.eval_every=20",
-         "--config.train.eval_batches=4", "--config.train.batch_size=8"]
+         "--config.train.steps=40", "--config.train.log_every=1", "--config.train.eval_every=20",
+         "--config.train.eval_batches=4", "--config.train.batch_size=8", "--config.train.seed=0"]
 
 
 @pytest.mark.slow
@@ -27,6 +29,7 @@ def test_tiny_config_trains_and_validation_loss_falls(name, objective, tmp_path,
     evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
     trains = [r for r in rows if "train/loss" in r]
     assert len(evals) == 3 and evals[-1] < evals[0] - 1.0, evals  # falls by more than a nat
+    check_first_losses(name, rows)
     assert trains[-1]["step"] == 40 and trains[-1]["train/tokens_per_sec"] > 0 and 0 < trains[-1]["train/mfu"] < 1
     for key in ("train/accuracy", "train/perplexity", "train/learning_rate", "train/grad_norm", "train/step_time"):
         assert key in trains[-1]

@@ -526,14 +526,15 @@ def test_router_jitter_only_in_training():
 # -------------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_moe_tiny_trains_and_validation_loss_falls(tmp_path, small_corpus_dir):
-    from helpers.cli_process import run_cli
+    from helpers.cli_process import run_cli  # (imported here: only this end-to-end test needs them)
+    from helpers.golden import check_first_losses
     from llmjax.metrics import read_metrics
 
     workdir = tmp_path / "moe_tiny"
     small = ["--config.data.max_documents=600", "--config.data.vocab_size=1500", "--config.model.vocab_size=1500",
-             "--config.train.steps=40", "--config.train.log_every=10", "--config.train.eval_every=20",
+             "--config.train.steps=40", "--config.train.log_every=1", "--config.train.eval_every=20",
              "--config.train.eval_batches=4", "--config.train.num_samples=0", "--config.train.batch_size=8",
-             f"--config.data.data_dir={small_corpus_dir}"]  # the corpus prepared once per session (conftest)
+             "--config.train.seed=0", f"--config.data.data_dir={small_corpus_dir}"]  # prepared once (conftest)
     # 2 devices, both on the expert axis: the experts are split over devices
     run_cli(["train", f"--config={CONFIGS / 'moe_tiny.py'}", f"--workdir={workdir}", *small, "--config.mesh.data=1",
              "--config.mesh.expert=2"], devices=2)
@@ -541,6 +542,7 @@ def test_moe_tiny_trains_and_validation_loss_falls(tmp_path, small_corpus_dir):
     evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
     trains = [r for r in rows if "train/loss" in r]
     assert len(evals) == 3 and evals[-1] < evals[0] - 1.0, evals
+    check_first_losses("moe_tiny", rows)  # the golden losses (helpers/golden.py)
     last = trains[-1]
     assert 0.99 < last["train/moe_aux_loss"] < 1.5 and last["train/moe_dropped_fraction"] == 0.0
     assert sum(last[f"train/moe_load_{i}"] for i in range(4)) == pytest.approx(1.0, abs=1e-4)
