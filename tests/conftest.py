@@ -26,6 +26,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # The longest tests (seconds on 2 busy cores), started first: pytest-xdist hands tests out in collection
 # order, so a long test collected last would make the suite end late while the other worker idles.
 LONGEST_FIRST = {
+    "test_container.py::test_image_builds_and_runs_llmjax": 130,  # where buildah runs (skipped elsewhere)
     "test_launch.py::test_two_process_checkpoint_resumes_in_one_process": 53,
     "test_compare.py::test_micro_grid_runs_resumes_and_reports": 50,
     "test_checkpoint.py::test_resume_after_sigkill_and_sigterm_is_bit_identical": 49,
