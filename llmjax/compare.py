@@ -251,10 +251,12 @@ def aggregate(cell: dict, runs: list[dict]) -> dict:
     (params, steps, FLOPs, ...) come from the first finished run; "seconds" is the sum over the runs."""
     done = [r for r in runs if r["status"] == "done"]
     failed = [r for r in runs if r["status"] == "failed"]
-    row = {"name": cell["name"], "objective": cell["objective"], "family": dict(cell["model"]).get("family")}
+    row = {}
     if done:
         row.update({k: v for k, v in done[0].items() if k not in ("seed_index", "seed", "status", "error")})
         row["seconds"] = sum(r["seconds"] for r in done)
+    row.update(name=cell["name"], objective=cell["objective"],
+               family=row.get("family") or dict(cell["model"]).get("family"))
     row["status"] = "done" if len(done) == len(runs) else "failed" if failed else "pending"
     if failed:
         row["error"] = (f"seed {failed[0]['seed_index']}: " if len(runs) > 1 else "") + failed[0]["error"]
@@ -737,7 +739,7 @@ def write_outputs(results: dict, workdir) -> None:
             if seeds > 1:  # the spread of the seeds: min to max at every logged step
                 ax.fill_between(xs, low, high, color=f"C{i}", alpha=0.2, linewidth=0)
     ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("training loss (own objective)")
+    ax.set_ylabel("training loss (own objective)" + (f"; mean, {seeds} seeds' range shaded" if seeds > 1 else ""))
     if done:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -749,7 +751,7 @@ def write_outputs(results: dict, workdir) -> None:
     for ax, key, title in zip(axes, YARDSTICKS, ("continuation perplexity (lower is better)",
                                                   "span infilling accuracy", "doc-vs-code probe accuracy")):
         vals = [r[key] if r[key] is not None else 0.0 for r in done]
-        errs = [r.get(key + "_std") or 0.0 for r in done]
+        errs = [math.nan if r.get(key + "_std") is None else r[key + "_std"] for r in done]  # nan: no bar
         ax.bar(range(len(done)), vals, color=["C%d" % i for i in range(len(done))],
                yerr=errs if seeds > 1 else None, capsize=3)
         for i, r in enumerate(done):

@@ -110,7 +110,7 @@ def test_micro_grid_runs_resumes_and_reports(tmp_path, caplog):
 def _run(k, status="done", **metrics):
     run = {"seed_index": k, "seed": k, "status": status}
     if status == "done":
-        run.update(name="c", family="decoder", objective="causal_lm", params=10, steps=3, train_flops=1e9,
+        run.update(name="run", family="decoder", objective="causal_lm", params=10, steps=3, train_flops=1e9,
                    seconds=60.0, curve=[[1.0, 5.0 + k], [2.0, 4.0 + k]], own_loss=None, continuation_ppl=None,
                    infill_accuracy=None, probe_accuracy=None)
         run.update(metrics)
@@ -143,7 +143,7 @@ def test_mean_std_and_separation_marks_over_seeds():
     b = compare.aggregate(_cell("b"), [_run(0, infill_accuracy=0.20, continuation_ppl=104.0),
                                       _run(1, infill_accuracy=0.22, continuation_ppl=108.0)])
     c = compare.aggregate(_cell("c"), [_run(0, infill_accuracy=0.31), _run(1, status="failed")])
-    assert a["status"] == "done" and a["seconds"] == 120.0 and len(a["runs"]) == 2
+    assert a["status"] == "done" and a["seconds"] == 120.0 and len(a["runs"]) == 2 and a["name"] == "a"
     assert a["infill_accuracy"] == pytest.approx(0.32) and a["infill_accuracy_std"] == pytest.approx(0.02 * 2 ** 0.5)
     assert a["own_loss"] == pytest.approx(4.1) and a["probe_accuracy"] is None and a["probe_accuracy_std"] is None
     assert c["status"] == "failed" and c["error"] == "seed 1: ValueError: boom" and c["seeds_done"] == 1
