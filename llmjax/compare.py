@@ -171,8 +171,8 @@ def budget_steps(cfg, ids, budget: float) -> tuple[int, float]:
 
 # ------------------------------------------------------------------------------------- the whole grid
 def compare(grid, workdir, *, max_cells: int | None = None, progress: bool = False) -> dict:
-    """Run every unfinished cell (at most `max_cells` of them), then write the outputs from all finished
-    cells. Returns the results dict written to results.json."""
+    """Run every unfinished seed run of every cell (at most `max_cells` runs), then write the outputs from all
+    finished ones. Returns the results dict written to results.json."""
 
     workdir = storage.path(workdir)  # a local directory or a gs:// URL
     workdir.mkdir(parents=True, exist_ok=True)
