@@ -18,10 +18,15 @@ yardsticks, computed the same way for every cell, make the objectives comparable
    corpus's document kinds); the pretrained model plus a linear head on its mean-pooled last hidden states
    (decoder stack / encoder) is fine-tuned for `probe_steps` steps; accuracy on held-out documents.
 
+With `seeds` N > 1 (grid.seeds or --seeds) every cell runs N times, train.seed = grid.seed + k for seed k
+(model init, data order, LM adaptation and probe all follow it); the table shows mean ± standard deviation and
+marks the cells separated from the best beyond their spread (`separated`).
+
 Outputs in WORKDIR: RESULTS.md (one row per cell), results.json, loss_vs_flops.png (each cell's own
-training loss against FLOPs) and yardsticks.png. Finished cells (WORKDIR/cells/<name>/cell.json) are
-skipped when the grid runs again, an interrupted cell resumes from its checkpoint, and a failed cell is
-reported without stopping the others.
+training loss against FLOPs) and yardsticks.png. Seed 0 of a cell runs in WORKDIR/cells/<name>/ (the
+directory of a single-seed grid), seed k > 0 in WORKDIR/cells/<name>/seed<k>/. Finished seed runs
+(cell.json) are skipped when the grid runs again, an interrupted one resumes from its checkpoint, and a
+failed one is reported without stopping the others and retried the next time.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ log = logging.getLogger("llmjax")
 CELLS = "cells"
 CELL_RESULT = "cell.json"
 YARDSTICKS = ("continuation_ppl", "infill_accuracy", "probe_accuracy")
+METRICS = ("own_loss",) + YARDSTICKS  # aggregated over seeds (mean, std)
+LOWER_IS_BETTER = {"continuation_ppl"}
 
 
 # ------------------------------------------------------------------------------------------------ grid
@@ -73,7 +80,8 @@ def default_grid() -> ml_collections.ConfigDict:
 
     g = ml_collections.ConfigDict()
     g.budget_flops = 1e13  # training FLOPs of every cell
-    g.seed = 0
+    g.seed = 0  # train.seed of seed 0; seed k trains with seed + k
+    g.seeds = 1  # runs per cell (--seeds overrides)
     g.data = default_data_config()
     g.train = ml_collections.ConfigDict(dict(batch_size=16, seq_length=128, log_every=10, eval_every=0,
                                              eval_batches=8, checkpoint_every=0, num_samples=0))
@@ -115,11 +123,21 @@ def check_grid(grid) -> None:
         raise ConfigError(f"grid.cells: names must be unique, {dup} repeat")
     if grid.budget_flops <= 0:
         raise ConfigError(f"grid.budget_flops must be > 0, got {grid.budget_flops}")
+    seeds = grid.get("seeds", 1)
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise ConfigError(f"grid.seeds (--seeds) must be an integer >= 1, got {seeds!r}")
 
 
-def cell_config(grid, cell: dict, data_root) -> ml_collections.ConfigDict:
-    """The run config of one cell: its model and objective, the grid's shared data/train/optim sections,
-    and the number of steps that spends grid.budget_flops (steps set by `budget_steps`)."""
+def seed_dir(workdir, name: str, k: int):
+    """The run directory of seed k of cell `name`: seed 0 keeps the single-seed layout."""
+    out = storage.path(workdir) / CELLS / name
+    return out if k == 0 else out / f"seed{k}"
+
+
+def cell_config(grid, cell: dict, data_root, k: int = 0) -> ml_collections.ConfigDict:
+    """The run config of seed k of one cell: its model and objective, the grid's shared data/train/optim
+    sections, train.seed = grid.seed + k (init and data order), and the number of steps that spends
+    grid.budget_flops (steps set by `budget_steps`)."""
 
     cfg = base_config(objective=cell["objective"], **dict(cell["model"]))
     cfg.data.update(grid.data.to_dict())
@@ -127,7 +145,7 @@ def cell_config(grid, cell: dict, data_root) -> ml_collections.ConfigDict:
     cfg.data.data_dir = str(data_root)
     cfg.train.update(grid.train.to_dict())
     cfg.train.update(dict(cell.get("train", {})))
-    cfg.train.seed = int(grid.seed)
+    cfg.train.seed = int(grid.seed) + k
     cfg.optim.update(grid.optim.to_dict())
     for k, v in dict(cell.get("objective_args", {})).items():
         cfg.objective_args[k] = v
@@ -153,8 +171,8 @@ def budget_steps(cfg, ids, budget: float) -> tuple[int, float]:
 
 # ------------------------------------------------------------------------------------- the whole grid
 def compare(grid, workdir, *, max_cells: int | None = None, progress: bool = False) -> dict:
-    """Run every unfinished cell (at most `max_cells` of them), then write the outputs from all finished
-    cells. Returns the results dict written to results.json."""
+    """Run every unfinished seed run of every cell (at most `max_cells` runs), then write the outputs from all
+    finished ones. Returns the results dict written to results.json."""
 
     workdir = storage.path(workdir)  # a local directory or a gs:// URL
     workdir.mkdir(parents=True, exist_ok=True)
@@ -169,55 +187,111 @@ def compare(grid, workdir, *, max_cells: int | None = None, progress: bool = Fal
     manifest = prepare(first.data, workdir, progress=progress)
     data_dir = storage.path(manifest["dir"])
     tokenizer = Tokenizer.load(data_dir / TOKENIZER_FILE)
-    ran = 0
-    for cell in grid.cells:
-        cell = dict(cell)
-        out = workdir / CELLS / cell["name"]
-        if (out / CELL_RESULT).exists():
-            log.info("cell %s: finished earlier, skipping (%s)", cell["name"], out / CELL_RESULT)
-            continue
-        if max_cells is not None and ran >= max_cells:
-            log.info("cell %s: not run (--max-cells %d reached); run the command again to continue", cell["name"],
-                     max_cells)
-            continue
-        ran += 1
-        try:
-            result = run_cell(grid, cell, out, data_root, data_dir, tokenizer, progress=progress)
-            _write_json(out / CELL_RESULT, result)
-        except Exception as e:  # one bad cell must not lose the others
-            log.error("cell %s failed: %s", cell["name"], e)
-            out.mkdir(parents=True, exist_ok=True)
-            first = (str(e).splitlines() or [""])[0][:300]
-            (out / "error.txt").write_text(f"{type(e).__name__}: {first}\n\n{traceback.format_exc()}")
+    run_pending(grid, workdir, lambda cell, k, out: run_cell(grid, cell, out, data_root, data_dir, tokenizer, k=k,
+                                                             progress=progress), max_cells=max_cells)
     results = collect(grid, workdir)
     write_outputs(results, workdir)
     return results
 
 
-def collect(grid, workdir) -> dict:
-    workdir = storage.path(workdir)
-    rows = []
+def run_pending(grid, workdir, run_one, *, max_cells: int | None = None) -> int:
+    """Call run_one(cell, k, out) for every seed run without a cell.json (at most `max_cells` of them),
+    writing its result to out/cell.json or its error to out/error.txt. Returns how many ran."""
+    ran = 0
     for cell in grid.cells:
-        out = workdir / CELLS / cell["name"]
-        if (out / CELL_RESULT).exists():
-            rows.append({**json.loads((out / CELL_RESULT).read_text()), "status": "done"})
-        elif (out / "error.txt").exists():
-            last = (out / "error.txt").read_text().splitlines()[0]
-            rows.append({"name": cell["name"], "objective": cell["objective"],
-                         "family": dict(cell["model"]).get("family"), "status": "failed", "error": last})
-        else:
-            rows.append({"name": cell["name"], "objective": cell["objective"],
-                         "family": dict(cell["model"]).get("family"), "status": "pending"})
-    return {"budget_flops": float(grid.budget_flops), "seed": int(grid.seed),
+        cell = dict(cell)
+        for k in range(int(grid.get("seeds", 1))):
+            out = seed_dir(workdir, cell["name"], k)
+            label = cell["name"] + (f" seed {k}" if k else "")
+            if (out / CELL_RESULT).exists():
+                log.info("cell %s: finished earlier, skipping (%s)", label, out / CELL_RESULT)
+                continue
+            if max_cells is not None and ran >= max_cells:
+                log.info("cell %s: not run (--max-cells %d reached); run the command again to continue", label,
+                         max_cells)
+                continue
+            ran += 1
+            try:
+                _write_json(out / CELL_RESULT, run_one(cell, k, out))
+            except Exception as e:  # one bad cell must not lose the others
+                log.error("cell %s failed: %s", label, e)
+                out.mkdir(parents=True, exist_ok=True)
+                first = (str(e).splitlines() or [""])[0][:300]
+                (out / "error.txt").write_text(f"{type(e).__name__}: {first}\n\n{traceback.format_exc()}")
+    return ran
+
+
+def collect(grid, workdir) -> dict:
+    """One row per cell: its per-seed results ("runs") and, over the finished ones, the mean of every metric
+    (under the metric's name, so a single-seed row reads as before) and its standard deviation
+    ("<metric>_std"); then `mark_separated` over the cells."""
+    rows = []
+    seeds = int(grid.get("seeds", 1))
+    for cell in grid.cells:
+        runs = []
+        for k in range(seeds):
+            out = seed_dir(workdir, cell["name"], k)
+            run = {"seed_index": k, "seed": int(grid.seed) + k}
+            if (out / CELL_RESULT).exists():
+                run.update(json.loads((out / CELL_RESULT).read_text()), status="done")
+            elif (out / "error.txt").exists():
+                run.update(status="failed", error=(out / "error.txt").read_text().splitlines()[0])
+            else:
+                run.update(status="pending")
+            runs.append(run)
+        rows.append(aggregate(cell, runs))
+    mark_separated(rows)
+    return {"budget_flops": float(grid.budget_flops), "seed": int(grid.seed), "seeds": seeds,
             "yardsticks": grid.yardsticks.to_dict(), "cells": rows}
 
 
-# ------------------------------------------------------------------------------------------ one cell
-def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, tokenizer, *,
-             progress: bool = False) -> dict:
+def aggregate(cell: dict, runs: list[dict]) -> dict:
+    """A cell's row from its seed runs (dicts with "status" and, when done, run_cell's result). Status: "done"
+    when every run is, else "failed" if one failed, else "pending". The fields that do not vary with the seed
+    (params, steps, FLOPs, ...) come from the first finished run; "seconds" is the sum over the runs."""
+    done = [r for r in runs if r["status"] == "done"]
+    failed = [r for r in runs if r["status"] == "failed"]
+    row = {}
+    if done:
+        row.update({k: v for k, v in done[0].items() if k not in ("seed_index", "seed", "status", "error")})
+        row["seconds"] = sum(r["seconds"] for r in done)
+    row.update(name=cell["name"], objective=cell["objective"],
+               family=row.get("family") or dict(cell["model"]).get("family"))
+    row["status"] = "done" if len(done) == len(runs) else "failed" if failed else "pending"
+    if failed:
+        row["error"] = (f"seed {failed[0]['seed_index']}: " if len(runs) > 1 else "") + failed[0]["error"]
+    row["seeds_done"] = len(done)
+    for key in METRICS:
+        vals = [r[key] for r in done if r.get(key) is not None]
+        row[key] = float(np.mean(vals)) if vals else None
+        row[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    row["runs"] = runs
+    return row
 
+
+def mark_separated(rows: list[dict]) -> None:
+    """row["separated"][yardstick] = True for every finished cell whose mean is farther from the best cell's
+    mean (lowest perplexity, highest accuracy) than the sum of their two standard deviations; False for the
+    others, the best included. Only with 2 or more seeds: otherwise there is no spread and no mark."""
+    for r in rows:
+        r["separated"] = {}
+    for key in YARDSTICKS:
+        scored = [r for r in rows if r["status"] == "done" and r.get(key) is not None
+                  and r.get(key + "_std") is not None]
+        if len(scored) < 2:
+            continue
+        pick = min if key in LOWER_IS_BETTER else max
+        best = pick(scored, key=lambda r: r[key])
+        for r in scored:
+            r["separated"][key] = abs(best[key] - r[key]) > best[key + "_std"] + r[key + "_std"]
+
+
+# ------------------------------------------------------------------------------------------ one cell
+def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, tokenizer, *, k: int = 0,
+             progress: bool = False) -> dict:
+    """Train seed k of one cell in `out` and measure its yardsticks."""
     t0 = time.time()
-    cfg = cell_config(grid, cell, data_root)
+    cfg = cell_config(grid, cell, data_root, k)
     steps, per_step = budget_steps(cfg, tokenizer.special_ids, float(grid.budget_flops))
     cfg.train.steps = steps
     if not cfg.train.eval_every:
@@ -238,7 +312,7 @@ def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, token
                                                 **objective_config_for(cfg)).infill_format()
     infill = infill_accuracy(model, infill_objective, windows, tokenizer.special_ids, ys, mode=mode,
                              bidirectional_inputs=bool(cfg.objective_args.get("bidirectional_inputs", True)))
-    probe = probe_accuracy(model_cfg, state, cfg, data_dir, tokenizer, ys, seed=int(grid.seed))
+    probe = probe_accuracy(model_cfg, state, cfg, data_dir, tokenizer, ys, seed=int(cfg.train.seed))
     ppl = None
     if model_cfg.family != "encoder":
         adapted = lm_adapt(model_cfg, state, cfg, data_dir, ys)
@@ -247,7 +321,7 @@ def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, token
     curve = [(r["step"] * per_step, r["train/loss"]) for r in rows if "train/loss" in r]
     eval_rows = [r for r in rows if "eval/loss" in r]
     return {
-        "name": cell["name"], "family": model_cfg.family, "objective": cfg.objective,
+        "name": cell["name"], "family": model_cfg.family, "objective": cfg.objective, "seed": int(cfg.train.seed),
         "params": count_params(state.params), "steps": steps, "flops_per_step": per_step,
         "train_flops": steps * per_step, "final_step": step,
         "own_loss": eval_rows[-1]["eval/loss"] if eval_rows else summary.get("eval", {}).get("loss"),
@@ -588,21 +662,44 @@ COLUMNS = ("cell", "family", "objective", "params", "steps", "train FLOPs", "own
            "continuation ppl ↓", "infill acc ↑", "probe acc ↑", "minutes", "status")
 
 
-def results_table(results: dict) -> str:
-    def f(x, fmt):
-        return "n/a" if x is None else format(x, fmt)
+SEPARATED = "†"  # after a yardstick's value: separated from the best cell beyond both spreads (mark_separated)
 
+
+def results_table(results: dict) -> str:
+    """The markdown table of RESULTS.md: per cell the mean ± standard deviation over its seeds (the mean alone
+    with one seed), SEPARATED after a yardstick where mark_separated set it; minutes summed over the seeds."""
+
+    def f(r, key, fmt):
+        if r.get(key) is None:
+            return "n/a"
+        std = r.get(key + "_std")
+        mark = SEPARATED if r.get("separated", {}).get(key) else ""
+        return format(r[key], fmt) + ("" if std is None else " ± " + format(std, fmt)) + mark
+
+    seeds = int(results.get("seeds", 1))
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in results["cells"]:
         if r["status"] != "done":
+            count = f" ({r.get('seeds_done', 0)}/{seeds} seeds done)" if seeds > 1 else ""
             lines.append(f"| {r['name']} | {r.get('family')} | {r['objective']} | | | | | | | | | "
-                         f"{r['status']}{': ' + r['error'] if r.get('error') else ''} |")
+                         f"{r['status']}{count}{': ' + r['error'] if r.get('error') else ''} |")
             continue
         lines.append("| " + " | ".join([
             r["name"], r["family"], r["objective"], f"{r['params'] / 1e6:.2f}M", str(r["steps"]),
-            f"{r['train_flops']:.3g}", f(r["own_loss"], ".3f"), f(r["continuation_ppl"], ".1f"),
-            f(r["infill_accuracy"], ".3f"), f(r["probe_accuracy"], ".3f"), f"{r['seconds'] / 60:.1f}", "done"]) + " |")
+            f"{r['train_flops']:.3g}", f(r, "own_loss", ".3f"), f(r, "continuation_ppl", ".1f"),
+            f(r, "infill_accuracy", ".3f"), f(r, "probe_accuracy", ".3f"), f"{r['seconds'] / 60:.1f}", "done"]) + " |")
     return "\n".join(lines)
+
+
+def seed_band(runs: list[dict]) -> tuple[list, list, list, list]:
+    """(FLOPs, mean, min, max) of the training loss over the finished seed runs, at the FLOPs every run
+    logged (the seeds of a cell log at the same steps)."""
+    curves = [dict((float(x), y) for x, y in r["curve"]) for r in runs if r["status"] == "done" and r.get("curve")]
+    if not curves:
+        return [], [], [], []
+    xs = sorted(set.intersection(*(set(c) for c in curves)))
+    vals = np.array([[c[x] for x in xs] for c in curves]).reshape(len(curves), len(xs))
+    return xs, list(vals.mean(0)), list(vals.min(0)), list(vals.max(0))
 
 
 def write_outputs(results: dict, workdir) -> None:
@@ -615,24 +712,34 @@ def write_outputs(results: dict, workdir) -> None:
     _write_json(workdir / "results.json", results)
     ys = results["yardsticks"]
     done = [r for r in results["cells"] if r["status"] == "done"]
+    seeds = int(results.get("seeds", 1))
+    seeds_text = f"seed {results['seed']}"
+    spread_text = ""
+    if seeds > 1:
+        seeds_text = f"{seeds} seeds: train seeds {results['seed']}..{results['seed'] + seeds - 1}"
+        spread_text = (f" Values are mean ± standard deviation over the {seeds} seeds; {SEPARATED} marks a "
+                       "yardstick where the cell's mean differs from the best cell's by more than the sum of their "
+                       "standard deviations.")
     text = [
         "# Objective comparison", "",
-        f"Every cell trained for {results['budget_flops']:.3g} FLOPs (same corpus, tokenizer, optimizer, seed "
-        f"{results['seed']}). Yardsticks on held-out text: continuation perplexity of the second half of "
+        f"Every cell trained for {results['budget_flops']:.3g} FLOPs (same corpus, tokenizer, optimizer, "
+        f"{seeds_text}). Yardsticks on held-out text: continuation perplexity of the second half of "
         f"{ys['window_length']}-token windows given the first half, after {ys['lm_adapt_steps']} steps of LM "
         f"adaptation (n/a for encoder-only models); accuracy on a {ys['infill_span']}-token span hidden in each "
         f"model's own format; accuracy of a documentation-vs-code probe ({ys['probe_length']}-token passages, "
         f"{ys['probe_steps']} fine-tuning steps). 'own val loss' is each cell's own objective, not comparable "
-        "across objectives.", "", results_table(results), "",
+        f"across objectives.{spread_text}", "", results_table(results), "",
         "![loss vs FLOPs](loss_vs_flops.png)", "", "![yardsticks](yardsticks.png)", ""]
     (workdir / "RESULTS.md").write_text("\n".join(text))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in done:
-        if r["curve"]:
-            xs, ys_ = zip(*r["curve"])
-            ax.plot(xs, ys_, label=r["name"])
+    for i, r in enumerate(done):
+        xs, mean, low, high = seed_band(r.get("runs") or [dict(r, status="done")])
+        if xs:
+            ax.plot(xs, mean, color=f"C{i}", label=r["name"])
+            if seeds > 1:  # the spread of the seeds: min to max at every logged step
+                ax.fill_between(xs, low, high, color=f"C{i}", alpha=0.2, linewidth=0)
     ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("training loss (own objective)")
+    ax.set_ylabel("training loss (own objective)" + (f"; mean, {seeds} seeds' range shaded" if seeds > 1 else ""))
     if done:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -644,7 +751,9 @@ def write_outputs(results: dict, workdir) -> None:
     for ax, key, title in zip(axes, YARDSTICKS, ("continuation perplexity (lower is better)",
                                                   "span infilling accuracy", "doc-vs-code probe accuracy")):
         vals = [r[key] if r[key] is not None else 0.0 for r in done]
-        ax.bar(range(len(done)), vals, color=["C%d" % i for i in range(len(done))])
+        errs = [math.nan if r.get(key + "_std") is None else r[key + "_std"] for r in done]  # nan: no bar
+        ax.bar(range(len(done)), vals, color=["C%d" % i for i in range(len(done))],
+               yerr=errs if seeds > 1 else None, capsize=3)
         for i, r in enumerate(done):
             if r[key] is None:
                 ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)

@@ -29,6 +29,7 @@ LONGEST_FIRST = {
     "test_container.py::test_image_builds_and_runs_llmjax": 130,  # where buildah runs (skipped elsewhere)
     "test_launch.py::test_two_process_checkpoint_resumes_in_one_process": 53,
     "test_compare.py::test_micro_grid_runs_resumes_and_reports": 50,
+    "test_compare.py::test_two_seeds_of_a_real_cell_differ_and_seed_0_reproduces_the_single_seed_cell": 35,
     "test_checkpoint.py::test_resume_after_sigkill_and_sigterm_is_bit_identical": 49,
     "test_finetune.py::test_finetune_from_a_training_workdir": 46,  # + test_generate_cli's fill (same run)
     "test_slurm.py::test_slurm_two_task_training_job": 43,
