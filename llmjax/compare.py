@@ -3,7 +3,7 @@ pretraining objective work best for a corpus and a compute budget.
 
 Every cell of the grid (a model family x an objective) trains on the same prepared corpus and tokenizer with
 the same optimizer and seed for the same number of training FLOPs (`llmjax.models.flops.train_flops`, counted
-the same way for every family: the steps of a cell are budget / FLOPs of one of its batches). Then three
+the same way for every family: the steps of a cell are budget / FLOPs of one of its batches). Then four
 yardsticks, computed the same way for every cell, make the objectives comparable:
 
 1. continuation perplexity: held-out windows of `window_length` tokens are split in half; the model scores
@@ -17,6 +17,10 @@ yardsticks, computed the same way for every cell, make the objectives comparable
 3. probe accuracy: passages of `probe_length` tokens classified as documentation or source code (the
    corpus's document kinds); the pretrained model plus a linear head on its mean-pooled last hidden states
    (decoder stack / encoder) is fine-tuned for `probe_steps` steps; accuracy on held-out documents.
+4. downstream: every cell is fine-tuned for `downstream_steps` steps on one text-to-text task, docstring ->
+   name (llmjax.downstream, each family in its own format), then writes the names of
+   `downstream_eval_examples` held-out docstrings: the fraction written exactly (name exact match) and the
+   teacher-forced accuracy on the names' tokens (name token accuracy, the partial credit).
 
 With `seeds` N > 1 (grid.seeds or --seeds) every cell runs N times, train.seed = grid.seed + k for seed k
 (model init, data order, LM adaptation and probe all follow it); the table shows mean ± standard deviation and
@@ -31,6 +35,7 @@ failed one is reported without stopping the others and retried the next time.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -45,11 +50,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from llmjax import checkpoint, loop
+from llmjax import checkpoint, downstream, loop
 from llmjax import sharding as shd
 from llmjax import storage
 from llmjax.config import base_config, load_config, objective_config_for
-from llmjax.data import pipeline
+from llmjax.data import pipeline, tasks
 from llmjax.data.pipeline import batch_spec
 from llmjax.data.prepare import default_data_config, prepare
 from llmjax.data.shards import TOKENIZER_FILE, TokenShards
@@ -69,7 +74,7 @@ log = logging.getLogger("llmjax")
 
 CELLS = "cells"
 CELL_RESULT = "cell.json"
-YARDSTICKS = ("continuation_ppl", "infill_accuracy", "probe_accuracy")
+YARDSTICKS = ("continuation_ppl", "infill_accuracy", "probe_accuracy", "name_exact_match", "name_token_accuracy")
 METRICS = ("own_loss",) + YARDSTICKS  # aggregated over seeds (mean, std)
 LOWER_IS_BETTER = {"continuation_ppl"}
 
@@ -90,7 +95,9 @@ def default_grid() -> ml_collections.ConfigDict:
         window_length=96, eval_windows=256, eval_batch_size=32, infill_span=3,
         lm_adapt_steps=40, lm_adapt_learning_rate=1e-3,
         probe_length=24, probe_train_examples=1024, probe_eval_examples=512, probe_steps=60,
-        probe_batch_size=32, probe_learning_rate=5e-4))
+        probe_batch_size=32, probe_learning_rate=5e-4,
+        downstream_steps=60, downstream_batch_size=32, downstream_learning_rate=1e-3, downstream_input_length=32,
+        downstream_target_length=8, downstream_eval_examples=256))
     g.cells = []  # dicts: name, objective, model (ModelConfig fields), optional objective_args, train
     return g
 
@@ -301,6 +308,7 @@ def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, token
     log.info("cell %s: %s + %s, %d steps x %.3g FLOPs = %.3g FLOPs", cell["name"], cfg.model.family,
              cfg.objective, steps, per_step, steps * per_step)
     summary = train_and_evaluate(cfg, out, progress=progress)
+    clock = {"train": time.time() - t0}
     state, step, _ = checkpoint.load_latest(out)
     model_cfg = ModelConfig.from_dict(cfg.model)
     model = _model_from(model_cfg, state)
@@ -310,13 +318,25 @@ def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, token
     if cfg.objective in MIXTURES:  # probed in the format of one of its denoisers, with its mode token
         infill_objective, mode = make_objective(cfg.objective, tokenizer.special_ids, model_cfg.family,
                                                 **objective_config_for(cfg)).infill_format()
+    t = time.time()
+
+    def lap(name):  # seconds of each yardstick, in the result
+        nonlocal t
+        clock[name], t = time.time() - t, time.time()
+
     infill = infill_accuracy(model, infill_objective, windows, tokenizer.special_ids, ys, mode=mode,
                              bidirectional_inputs=bool(cfg.objective_args.get("bidirectional_inputs", True)))
+    lap("infill_accuracy")
     probe = probe_accuracy(model_cfg, state, cfg, data_dir, tokenizer, ys, seed=int(cfg.train.seed))
+    lap("probe_accuracy")
+    names = downstream_scores(model_cfg, state, cfg, tokenizer, ys, seed=int(cfg.train.seed))
+    lap("downstream")
     ppl = None
     if model_cfg.family != "encoder":
         adapted = lm_adapt(model_cfg, state, cfg, data_dir, ys)
         ppl = continuation_perplexity(adapted, windows, tokenizer.special_ids, ys)
+        lap("continuation_ppl")
+    log.info("cell %s: seconds %s", cell["name"], {k: round(v, 1) for k, v in clock.items()})
     rows = read_metrics(out)
     curve = [(r["step"] * per_step, r["train/loss"]) for r in rows if "train/loss" in r]
     eval_rows = [r for r in rows if "eval/loss" in r]
@@ -326,7 +346,7 @@ def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, token
         "train_flops": steps * per_step, "final_step": step,
         "own_loss": eval_rows[-1]["eval/loss"] if eval_rows else summary.get("eval", {}).get("loss"),
         "continuation_ppl": ppl, "infill_accuracy": infill, "probe_accuracy": probe,
-        "curve": curve, "seconds": time.time() - t0,
+        "name_exact_match": names["exact_match"], "name_token_accuracy": names["token_accuracy"], "curve": curve, "seconds": time.time() - t0, "phase_seconds": clock,
     }
 
 
@@ -652,6 +672,48 @@ def probe_accuracy(model_cfg: ModelConfig, state, cfg, data_dir: Path, tokenizer
     return correct / weight
 
 
+# ------------------------------------------------------------------------------------ the downstream task
+@functools.lru_cache(maxsize=1)
+def _docstring_to_name_rows() -> dict:
+    return tasks.docstring_to_name_rows()
+
+
+def downstream_format(cfg, ids, family: str, ys) -> downstream.Format:
+    """How a cell reads the downstream task: a mixture leads with the mode token of its prefix-LM denoiser
+    (UL2's mode switching for a sequence-to-sequence task); a decoder reads the input as a bidirectional
+    prefix when its pretraining did."""
+    objective, mode = cfg.objective, None
+    if objective in MIXTURES:
+        objective, mode = make_objective(objective, ids, family, **objective_config_for(cfg)).format_for(
+            ("prefix_lm", "span_corruption", "causal_lm"))
+    prefix = objective == "prefix_lm" or (objective == "span_corruption" and bool(
+        cfg.objective_args.get("bidirectional_inputs", True))) or cfg.objective in MIXTURES
+    return downstream.Format(family, int(ys.downstream_input_length), int(ys.downstream_target_length), mode,
+                             prefix_lm=family == "decoder" and prefix)
+
+
+def downstream_scores(model_cfg: ModelConfig, state, cfg, tokenizer, ys, *, seed: int) -> dict:
+    """Fine-tune the pretrained model for `downstream_steps` on docstring -> name (llmjax.downstream); the exact
+    match of its greedy names and its teacher-forced token accuracy on `downstream_eval_examples` held-out pairs
+    (the same pairs for every cell and seed; the fine-tuning batches follow the seed)."""
+    ids = tokenizer.special_ids
+    fmt = downstream_format(cfg, ids, model_cfg.family, ys)
+    rows = _docstring_to_name_rows()
+    train = downstream.encode(rows["train"], tokenizer, fmt)
+    held_out = downstream.encode(rows["validation"], tokenizer, fmt)
+    pick = np.random.default_rng(0).permutation(len(held_out))[:int(ys.downstream_eval_examples)]
+    held_out = [held_out[i] for i in sorted(pick)]
+    steps, bs = int(ys.downstream_steps), int(ys.downstream_batch_size)
+    rng = np.random.default_rng(seed + 3)
+    batches = (downstream.batch([train[j] for j in rng.choice(len(train), bs, replace=False)], ids, fmt)
+               for _ in range(steps))
+    optim = ml_collections.ConfigDict(cfg.optim.to_dict())
+    optim.update(learning_rate=float(ys.downstream_learning_rate), warmup_steps=min(10, steps // 4),
+                 schedule="constant")
+    tuned = _fit(_model_from(model_cfg, state), optim, steps, batches, shd.make_mesh(shd.mesh_config()))
+    return downstream.evaluate(tuned, held_out, ids, fmt, batch_size=int(ys.eval_batch_size))
+
+
 # ------------------------------------------------------------------------------------------- outputs
 def _write_json(path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -659,7 +721,8 @@ def _write_json(path, obj) -> None:
 
 
 COLUMNS = ("cell", "family", "objective", "params", "steps", "train FLOPs", "own val loss",
-           "continuation ppl ↓", "infill acc ↑", "probe acc ↑", "minutes", "status")
+           "continuation ppl ↓", "infill acc ↑", "probe acc ↑", "name exact match ↑",
+           "name token acc ↑", "minutes", "status")
 
 
 SEPARATED = "†"  # after a yardstick's value: separated from the best cell beyond both spreads (mark_separated)
@@ -681,13 +744,15 @@ def results_table(results: dict) -> str:
     for r in results["cells"]:
         if r["status"] != "done":
             count = f" ({r.get('seeds_done', 0)}/{seeds} seeds done)" if seeds > 1 else ""
-            lines.append(f"| {r['name']} | {r.get('family')} | {r['objective']} | | | | | | | | | "
+            lines.append(f"| {r['name']} | {r.get('family')} | {r['objective']} | | | | | | | | | | | "
                          f"{r['status']}{count}{': ' + r['error'] if r.get('error') else ''} |")
             continue
         lines.append("| " + " | ".join([
             r["name"], r["family"], r["objective"], f"{r['params'] / 1e6:.2f}M", str(r["steps"]),
             f"{r['train_flops']:.3g}", f(r, "own_loss", ".3f"), f(r, "continuation_ppl", ".1f"),
-            f(r, "infill_accuracy", ".3f"), f(r, "probe_accuracy", ".3f"), f"{r['seconds'] / 60:.1f}", "done"]) + " |")
+            f(r, "infill_accuracy", ".3f"), f(r, "probe_accuracy", ".3f"), f(r, "name_exact_match", ".3f"),
+            f(r, "name_token_accuracy", ".3f"),
+            f"{r['seconds'] / 60:.1f}", "done"]) + " |")
     return "\n".join(lines)
 
 
@@ -727,7 +792,9 @@ def write_outputs(results: dict, workdir) -> None:
         f"{ys['window_length']}-token windows given the first half, after {ys['lm_adapt_steps']} steps of LM "
         f"adaptation (n/a for encoder-only models); accuracy on a {ys['infill_span']}-token span hidden in each "
         f"model's own format; accuracy of a documentation-vs-code probe ({ys['probe_length']}-token passages, "
-        f"{ys['probe_steps']} fine-tuning steps). 'own val loss' is each cell's own objective, not comparable "
+        f"{ys['probe_steps']} fine-tuning steps); after {ys.get('downstream_steps', 0)} steps of fine-tuning on "
+        f"docstring -> name, the exact match of the names written for {ys.get('downstream_eval_examples', 0)} "
+        f"held-out docstrings and the teacher-forced accuracy on their tokens. 'own val loss' is each cell's own objective, not comparable "
         f"across objectives.{spread_text}", "", results_table(results), "",
         "![loss vs FLOPs](loss_vs_flops.png)", "", "![yardsticks](yardsticks.png)", ""]
     (workdir / "RESULTS.md").write_text("\n".join(text))
@@ -746,16 +813,18 @@ def write_outputs(results: dict, workdir) -> None:
     fig.tight_layout()
     save_figure(fig, workdir / "loss_vs_flops.png", dpi=110)
     plt.close(fig)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    fig, axes = plt.subplots(1, len(YARDSTICKS), figsize=(4 * len(YARDSTICKS), 4))
     names = [r["name"] for r in done]
     for ax, key, title in zip(axes, YARDSTICKS, ("continuation perplexity (lower is better)",
-                                                  "span infilling accuracy", "doc-vs-code probe accuracy")):
-        vals = [r[key] if r[key] is not None else 0.0 for r in done]
+                                                  "span infilling accuracy", "doc-vs-code probe accuracy",
+                                                  "docstring -> name exact match",
+                                                  "docstring -> name token accuracy")):
+        vals = [r[key] if r.get(key) is not None else 0.0 for r in done]
         errs = [math.nan if r.get(key + "_std") is None else r[key + "_std"] for r in done]  # nan: no bar
         ax.bar(range(len(done)), vals, color=["C%d" % i for i in range(len(done))],
                yerr=errs if seeds > 1 else None, capsize=3)
         for i, r in enumerate(done):
-            if r[key] is None:
+            if r.get(key) is None:
                 ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(done)), names, rotation=35, ha="right", fontsize=7)
         ax.set_title(title, fontsize=9)

@@ -27,7 +27,8 @@ def test_default_grid_cells_are_matched_on_flops_and_cover_the_required_pairs():
         pairs.add((cfg.model.family, cfg.objective, causal if cfg.model.family == "decoder" else None))
     assert {("decoder", "causal_lm", True), ("decoder", "prefix_lm", False),
             ("encoder_decoder", "span_corruption", None), ("encoder_decoder", "prefix_lm", None),
-            ("encoder", "mlm", None), ("decoder", "span_corruption", True)} <= pairs
+            ("encoder", "mlm", None), ("decoder", "span_corruption", True),
+            ("decoder", "ul2", False), ("encoder_decoder", "ul2", None)} <= pairs
     assert max(totals) / min(totals) < 1.05
     assert all(abs(t - grid.budget_flops) / grid.budget_flops < 0.025 for t in totals)
 
@@ -100,6 +101,9 @@ def test_micro_grid_runs_resumes_and_reports(tmp_path, caplog):
     for c in cells:
         assert c["params"] > 0 and c["curve"] and c["curve"][-1][0] <= c["train_flops"] * 1.0001
         assert 0.0 <= c["infill_accuracy"] <= 1.0 and 0.0 <= c["probe_accuracy"] <= 1.0
+        assert 0.0 <= c["name_exact_match"] <= 1.0 and 0.0 < c["name_token_accuracy"] <= 1.0
+        assert set(c["phase_seconds"]) == {"train", "infill_accuracy", "probe_accuracy", "downstream",
+                                           "continuation_ppl"}
         assert c["continuation_ppl"] > 1.0  # both families are scored on the same held-out continuations
     # Running again retries only the failed cell; nothing else is retrained.
     again = compare.compare(grid, work)

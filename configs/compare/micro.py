@@ -18,7 +18,8 @@ def get_grid():
     g.optim.update(learning_rate=3e-3, warmup_steps=3)
     g.yardsticks.update(window_length=48, eval_windows=32, eval_batch_size=16, lm_adapt_steps=4,
                         probe_length=16, probe_train_examples=64, probe_eval_examples=32, probe_steps=4,
-                        probe_batch_size=16)
+                        probe_batch_size=16, downstream_steps=4, downstream_batch_size=16, downstream_input_length=16,
+                        downstream_eval_examples=32)
     g.cells = [
         dict(name="decoder.causal_lm", objective="causal_lm", model=dict(SHARED, family="decoder", num_layers=2)),
         dict(name="encoder_decoder.span_corruption", objective="span_corruption",

@@ -1,4 +1,4 @@
-"""The default objective comparison: six (architecture, objective) cells, as in Raffel et al. 2020 (Table 2)
+"""The default objective comparison: eight (architecture, objective) cells, as in Raffel et al. 2020 (Table 2)
 and Wang et al. 2022, at CPU scale. Every cell shares the same components (pre-norm LayerNorm, GELU MLP,
 learned positions, d_model 256, 4 heads, vocabulary 8,192) and the same training FLOPs; decoders and the
 encoder have 4 layers, the encoder-decoders 2 + 2 (about the same parameters).
@@ -29,5 +29,9 @@ def get_grid():
         dict(name="encoder.mlm", objective="mlm", model=ENCODER),
         dict(name="causal_decoder.span_corruption", objective="span_corruption", model=DECODER,
              objective_args=dict(bidirectional_inputs=False)),
+        # UL2's mixture of denoisers with mode tokens: a decoder reads each example's inputs as a bidirectional
+        # prefix; the encoder-decoder gets 64 tokens per side, as the prefix-LM cell
+        dict(name="prefix_decoder.ul2", objective="ul2", model=DECODER),
+        dict(name="encoder_decoder.ul2", objective="ul2", model=ENCODER_DECODER, objective_args=dict(max_length=64)),
     ]
     return g

@@ -110,6 +110,25 @@ def module_documents(path: Path, relpath: str) -> Iterator[Document]:
                 yield Document(code, "code", f"{relpath}:{node.name}")
 
 
+def docstring_names() -> Iterator[tuple[str, str, str]]:
+    """(module file, name, summary) for every public function and class of the stdlib with a docstring: the
+    summary is the docstring's first paragraph on one line. The pairs of the docstring -> name task
+    (llmjax.data.tasks.docstring_to_name)."""
+    root = stdlib_dir()
+    for path in stdlib_files(root):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # as in module_documents
+        for _, node in _documented(tree, ""):
+            if node is tree or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node, clean=True)
+            summary = " ".join(doc.strip().split("\n\n")[0].split()) if doc else ""
+            if summary:
+                yield path.relative_to(root).as_posix(), node.name, summary
+
+
 def _documented(tree: ast.Module, module: str) -> Iterator[tuple[str, ast.AST]]:
     """(qualified name, node) for the module and every class/function in it, in source order."""
     yield module, tree

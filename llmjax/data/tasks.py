@@ -1,5 +1,6 @@
 """Fine-tuning task data: JSON Lines readers (checked row by row), label vocabularies, fixed-length encoding,
-batching, and the documentation-vs-code classification task built from the default corpus.
+batching, and two tasks built from the default corpus: documentation-vs-code classification and docstring ->
+name (text to text).
 
 Tasks and their JSONL fields (one JSON object per line):
     classification  {"text": str, "label": str|int}           encoder family: [CLS] text [SEP] -> label
@@ -8,6 +9,7 @@ Tasks and their JSONL fields (one JSON object per line):
     causal_lm       {"text": str}                             decoder family: continued pretraining
 
     python -m llmjax.data.tasks doc_vs_code --out DIR   # DIR/train.jsonl, DIR/validation.jsonl
+    python -m llmjax.data.tasks docstring_to_name --out DIR
 """
 
 from __future__ import annotations
@@ -256,6 +258,12 @@ def _module_of(origin: str) -> str:
     return origin.rsplit(":", 1)[0] if not origin.startswith("pydoc_data") else origin
 
 
+def _split_of_module(module: str, validation_fraction: float, seed: int) -> str:
+    """'validation' for a seeded-hash fraction of source modules, else 'train'."""
+    h = hashlib.blake2b(module.encode(), digest_size=8, key=str(seed).encode()).digest()
+    return "validation" if int.from_bytes(h, "little") < validation_fraction * 2.0**64 else "train"
+
+
 def doc_vs_code(out: str | os.PathLike, *, per_class: int = 1500, validation_fraction: float = 0.2,
                 passage_chars: int = 400, seed: int = 0) -> dict:
     """Write OUT/train.jsonl and OUT/validation.jsonl: passages of the default corpus labelled 'doc' or
@@ -264,8 +272,7 @@ def doc_vs_code(out: str | os.PathLike, *, per_class: int = 1500, validation_fra
     split_rows: dict[str, dict[str, list[str]]] = {"train": {"doc": [], "code": []},
                                                     "validation": {"doc": [], "code": []}}
     for d in corpus.documents():
-        h = hashlib.blake2b(_module_of(d.origin).encode(), digest_size=8, key=str(seed).encode()).digest()
-        split = "validation" if int.from_bytes(h, "little") < validation_fraction * 2.0**64 else "train"
+        split = _split_of_module(_module_of(d.origin), validation_fraction, seed)
         split_rows[split][d.kind] += _passages(d.text, d.kind, passage_chars)
     rng = np.random.default_rng(seed)
     out = Path(out)
@@ -287,6 +294,31 @@ def doc_vs_code(out: str | os.PathLike, *, per_class: int = 1500, validation_fra
     return stats
 
 
+# ----------------------------------------------------------------------------- docstring -> name task
+def docstring_to_name_rows(*, validation_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:
+    """{"train": rows, "validation": rows} of the text_to_text task docstring -> name: the first paragraph of a
+    public stdlib function's or class's docstring -> its name (llmjax.data.corpus.docstring_names), split by
+    source module (a seeded hash, as doc_vs_code), so no validation pair comes from a fine-tuning module."""
+    rows: dict[str, list[dict]] = {"train": [], "validation": []}
+    for module, name, summary in corpus.docstring_names():
+        rows[_split_of_module(module, validation_fraction, seed)].append({"input": summary, "target": name})
+    return rows
+
+
+def docstring_to_name(out: str | os.PathLike, *, validation_fraction: float = 0.2, seed: int = 0) -> dict:
+    """Write OUT/train.jsonl and OUT/validation.jsonl of the docstring -> name task (docstring_to_name_rows);
+    `llmjax finetune --config configs/finetune/text_to_text.py` trains on them."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = {}
+    for split, rows in docstring_to_name_rows(validation_fraction=validation_fraction, seed=seed).items():
+        with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        stats[split] = {"rows": len(rows)}
+    return stats
+
+
 def main(argv: Sequence[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m llmjax.data.tasks", description=__doc__.split("\n\n")[0])
@@ -297,7 +329,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--passage-chars", type=int, default=400)
     d.add_argument("--validation-fraction", type=float, default=0.2, help="of source modules held out")
     d.add_argument("--seed", type=int, default=0)
+    n = sub.add_parser("docstring_to_name", help="text_to_text pairs: a docstring's summary -> the name")
+    n.add_argument("--out", required=True, help="directory for train.jsonl and validation.jsonl")
+    n.add_argument("--validation-fraction", type=float, default=0.2, help="of source modules held out")
+    n.add_argument("--seed", type=int, default=0)
     ns = p.parse_args(argv)
+    if ns.task == "docstring_to_name":
+        for split, s in docstring_to_name(ns.out, validation_fraction=ns.validation_fraction, seed=ns.seed).items():
+            print(f"{ns.out}/{split}.jsonl: {s['rows']} pairs")
+        return 0
     stats = doc_vs_code(ns.out, per_class=ns.per_class, validation_fraction=ns.validation_fraction,
                         passage_chars=ns.passage_chars, seed=ns.seed)
     for split, s in stats.items():

@@ -174,7 +174,13 @@ class Mixture:
     def infill_format(self) -> tuple[str, int | None]:
         """(objective, mode token id or None) whose example format an infilling probe of a model trained on
         this mixture uses: its first span-corruption denoiser's, else its first prefix-LM one's, else causal."""
-        for objective in ("span_corruption", "prefix_lm", "causal_lm"):
+        return self.format_for(("span_corruption", "prefix_lm", "causal_lm"))
+
+    def format_for(self, preference: tuple[str, ...]) -> tuple[str, int | None]:
+        """(objective, mode token id or None) of the first denoiser whose objective comes first in
+        `preference` (e.g. a sequence-to-sequence task: the prefix-LM denoiser's [S2S], as UL2's mode switching
+        does for generation)."""
+        for objective in (*preference, *DENOISER_FIELDS):  # then any denoiser
             for d, mode in zip(self.config.denoisers, self._modes):
                 if d.objective == objective:
                     return objective, (int(mode[0]) if len(mode) else None)
