@@ -96,21 +96,24 @@ def _span(mean: float, density: float, mode: str) -> Denoiser:
     return Denoiser("span_corruption", 1.0, mode, noise_density=density, mean_noise_span_length=mean)
 
 
-# UL2 (Tay et al. 2022, "UL2: Unifying Language Learning Paradigms", its Mixture of Denoisers): R-denoisers
-# (mean span 3 and 8 at density 0.15), X-denoisers (mean span 3 and 8 at density 0.5; 64 at 0.15 and 0.5) and
-# the S-denoiser (prefix LM; the paper's SpanCorrupt(mu = L/4, r = 0.25, n = 1): one span at the end, a quarter
-# of the text on average).
-# Our choices where the paper leaves them open (or where we could not check its text): the S-denoiser's prefix
-# is a uniform 50-100% of the piece (its target a uniform 0-50%, 25% on average), and the rates: S 25%, the six
-# span denoisers 12.5% each.
+# UL2 (Tay et al. 2022, "UL2: Unifying Language Learning Paradigms", arXiv 2205.05131 §3.1.2, Mixture of
+# Denoisers): R-denoisers SpanCorrupt(mu, r) = (3, 0.15) and (8, 0.15); X-denoisers (3, 0.5), (8, 0.5), (64, 0.15)
+# and (64, 0.5); the S-denoiser (L/4, 0.25, n = 1): one span at the end, a quarter of the text on average. Mode
+# tokens: the paper writes [R], [X], [S]; its released checkpoints (and U-PaLM §2.3) use [NLU], [NLG], [S2S].
+# Left open by what we could read: the mixing rates and the S-denoiser's split distribution. The paper's appendix
+# code (ul2_objective) samples its tasks uniformly unless given rates and builds S with T5's prefix_lm, whose
+# random_prefix_noise_mask splits uniformly anywhere in the piece (half of it the target on average); its ablation
+# favours a small share of S. Our choices: S 25%, the six span denoisers 12.5% each; the S prefix a uniform
+# 50-100% of the piece (its target 0-50%, 25% on average, the paper's r = 0.25).
 UL2_DENOISERS = (
     _span(3, 0.15, "[NLU]"), _span(8, 0.15, "[NLU]"),
     _span(3, 0.5, "[NLG]"), _span(8, 0.5, "[NLG]"), _span(64, 0.15, "[NLG]"), _span(64, 0.5, "[NLG]"),
     Denoiser("prefix_lm", 2.0, "[S2S]", min_prefix_fraction=0.5, max_prefix_fraction=1.0),
 )
-# UL2R (Tay et al. 2022b, "Transcending Scaling Laws with 0.1% Extra Compute", §2.3): 50% S-denoiser (the split
-# point uniform over the text), 25% R (mean span 3, rate 0.15), 25% X. The paper's X is "a mean length of 32 OR
-# a corruption rate of up to 50%"; we take one X-denoiser with both (mean span 32 at density 0.5).
+# UL2R (Tay et al. 2022b, "Transcending Scaling Laws with 0.1% Extra Compute", arXiv 2210.11399 §2.3): 50%
+# S-denoiser (prefix LM, the split point drawn anywhere in the text: uniform here), 25% R (mean span 3, rate 0.15),
+# 25% X, mode tokens [S2S], [NLU], [NLG]. The paper's X has "a mean length of 32 OR a corruption rate of up to
+# 50%"; we take one X-denoiser with both (mean span 32 at density 0.5).
 UL2R_DENOISERS = (
     Denoiser("prefix_lm", 0.5, "[S2S]"),
     Denoiser("span_corruption", 0.25, "[NLU]", noise_density=0.15, mean_noise_span_length=3.0),

@@ -1,7 +1,10 @@
-"""Run 5 train steps on synthetic batches in one of N JAX processes (CPU, gloo) and print the losses.
+"""Run 5 train steps in one of N JAX processes (CPU, gloo) and print the losses.
 
-    python multiprocess_losses.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS
-(NUM_PROCESSES=1: no distributed runtime.) Prints one JSON line: {"losses": [...]} from every process.
+    python multiprocess_losses.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS [OBJECTIVE FAMILY]
+(NUM_PROCESSES=1: no distributed runtime.) Without OBJECTIVE: synthetic causal-LM batches, each process giving
+its slice of them. With OBJECTIVE (e.g. ul2) and FAMILY (decoder or encoder_decoder): each process builds only
+its own rows with the input pipeline (make_train_iterator over fixed random documents) and trains with the
+objective's loss. Prints one JSON line: {"losses": [...]} from every process.
 """
 
 import json
@@ -9,6 +12,7 @@ import os
 import sys
 
 pid, nproc, port, ndev = (int(a) for a in sys.argv[1:5])
+objective_name, family = (sys.argv[5:7] + [None, None])[:2]
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
 
@@ -20,22 +24,48 @@ if nproc > 1:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from test_train import optim, synthetic_batches, tiny_cfg  # noqa: E402
+import numpy as np  # noqa: E402
+from test_train import V, optim, synthetic_batches, tiny_cfg  # noqa: E402
 
 from llmjax import sharding as shd  # noqa: E402
+from llmjax.data.pipeline import make_train_iterator  # noqa: E402
+from llmjax.data.vocab import SpecialIds  # noqa: E402
+from llmjax.objectives import make_objective  # noqa: E402
+from llmjax.objectives.loss import objective_loss  # noqa: E402
 from llmjax.state import init_state, make_optimizer  # noqa: E402
 from llmjax.step import batch_shardings, global_batch, make_train_step  # noqa: E402
 
-cfg = tiny_cfg()
+STEPS, BATCH, LENGTH = 5, 8, 32
+
+
+def objective_batches():
+    """This process's rows of STEPS global batches of BATCH rows, from the pipeline over fixed documents."""
+    rng = np.random.default_rng(0)
+    documents = [rng.integers(10, V - 8, rng.integers(8, 60)).astype(np.int32) for _ in range(200)]
+    objective = make_objective(objective_name, SpecialIds(V, num_sentinels=8), family, max_length=LENGTH)
+    it = make_train_iterator(documents, objective, global_batch_size=BATCH, seed=3,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    return [next(it) for _ in range(STEPS)]
+
+
+if objective_name is None:
+    cfg, loss = tiny_cfg(), {}
+    full = synthetic_batches(STEPS)
+    rows = BATCH // jax.process_count()
+    batches = [{k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in b.items()}
+               for b in full]  # each process gives only its own rows
+else:
+    cfg = tiny_cfg(family=family, max_length=LENGTH)
+    loss_fn, weights_fn = objective_loss(objective_name)
+    loss = dict(loss_fn=loss_fn, weights_fn=weights_fn)
+    batches = objective_batches()
 mesh = shd.make_mesh(shd.mesh_config(data=2, fsdp=-1))
 tx = make_optimizer(optim(), total_steps=10)
 graphdef, state, state_sh = init_state(cfg, tx, mesh, shd.rules_dict(shd.DEFAULT_RULES), seed=0)
-batches = synthetic_batches(5)
-rows = batches[0]["inputs"].shape[0] // jax.process_count()
-local = lambda b: {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in b.items()}
-step = make_train_step(graphdef, tx, state_sh, batch_shardings(mesh, batches[0]))
+step = make_train_step(graphdef, tx, state_sh, batch_shardings(mesh, batches[0]), **loss)
 losses = []
 for b in batches:
-    state, metrics = step(state, global_batch(local(b), mesh))  # each process gives only its own rows
+    state, metrics = step(state, global_batch(b, mesh))
     losses.append(float(metrics["loss"]))
-print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses}), flush=True)
+print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(), "losses": losses,
+                  "rows": int(jax.tree.leaves(batches[0])[0].shape[0])}), flush=True)
