@@ -524,6 +524,50 @@ def test_cross_entropy_respects_weights_and_is_stable(loss_device):
     assert losses.mean(losses.cross_entropy(logits, targets, jnp.zeros((1, 3)))) == (0.0, 0.0)
 
 
+@pytest.mark.parametrize("selected", [[5, 10, 3], [5, 12, 40]], ids=["gathered", "a-full-row-takes-every-position"])
+def test_mlm_loss_gives_the_full_heads_sums_and_gradients(selected):
+    """mlm_loss runs the MLM head on the K = T / 4 positions of each row holding its selected tokens (BERT's
+    gather_indexes), or on every position when a row has more than K: either way the sums and the gradients are
+    those of the head over all positions (mlm_nsp_loss on the model's full mlm_logits)."""
+    from flax import nnx  # only this test builds a model
+
+    from llmjax.models.config import ModelConfig
+    from llmjax.models.transformer import build_model
+    from llmjax.objectives.loss import mlm_loss
+
+    V, T = 101, 40
+    model = build_model(ModelConfig(family="encoder", vocab_size=V, d_model=32, num_layers=2, num_heads=4, mlp_dim=48,
+                                    max_length=64, dropout_rate=0.0, pooler=True), 0)
+    rng = np.random.default_rng(0)
+    weights = np.zeros((3, T), np.float32)
+    for i, n in enumerate(selected):
+        weights[i, rng.choice(T, n, replace=False)] = rng.choice([1.0, 0.5], n)
+    batch = {"inputs": rng.integers(10, V, (3, T)), "targets": rng.integers(10, V, (3, T)), "weights": weights,
+             "segment_ids": np.ones((3, T), np.int32), "positions": np.tile(np.arange(T), (3, 1)),
+             "nsp_labels": np.array([NSP_IS_NEXT, NSP_IS_RANDOM, NSP_IS_NEXT])}
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+
+    def ours(m):
+        _, sums = mlm_loss(m, batch, **kw)
+        return sums["lm"].loss + sums["nsp"].loss, sums
+
+    def full(m):
+        out = m(batch["inputs"], batch["segment_ids"], batch["positions"])
+        sums = losses.mlm_nsp_loss(out["mlm_logits"], batch["targets"], batch["weights"], out["nsp_logits"],
+                                   batch["nsp_labels"], **kw)
+        return sums["mlm"].loss + sums["nsp"].loss, {"lm": sums["mlm"], "nsp": sums["nsp"]}
+
+    (a, sums_a), grads_a = nnx.jit(lambda m: nnx.value_and_grad(ours, has_aux=True)(m))(model)
+    (b, sums_b), grads_b = nnx.jit(lambda m: nnx.value_and_grad(full, has_aux=True)(m))(model)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    for part in ("lm", "nsp"):
+        for x, y in zip(sums_a[part], sums_b[part]):
+            np.testing.assert_allclose(x, y, rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
 def test_mlm_nsp_loss_is_the_two_cross_entropies():
     rng = np.random.default_rng(13)
     mlm_logits = jnp.asarray(rng.normal(size=(2, 6, 9)), jnp.float32)

@@ -9,6 +9,9 @@ with other outputs adds its functions here and names them in OBJECTIVE_LOSS.
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 
 from llmjax.objectives import OBJECTIVE_FAMILIES, losses
@@ -30,19 +33,40 @@ def lm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: float =
     return sums["lm"].loss, sums
 
 
+MLM_GATHER_FRACTION = 0.25  # positions per row given to the MLM head (BERT selects 15%); 1.0 = every position
+
+
 def mlm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: float = 0.0, deterministic: bool = True):
     """Masked-token cross-entropy of an encoder, plus next-sentence prediction when the rows carry NSP labels
-    and the model has its head (part "nsp")."""
+    and the model has its head (part "nsp").
+
+    As BERT's own implementation does (`gather_indexes`, max_predictions_per_seq), the MLM head and its
+    vocabulary projection see only the selected positions: the K = MLM_GATHER_FRACTION * T positions of each
+    row with the largest weights, which hold every selected token whenever a row has at most K of them; a
+    batch with a fuller row takes the head over every position instead (lax.cond), so the sums are always
+    those of the full head. The full [B, T, V] logits, the largest activation of a BERT step, are never built."""
     out = model(batch["inputs"], batch["segment_ids"], batch["positions"], batch.get("token_type_ids"),
                 deterministic=deterministic)
-    nsp = "nsp_labels" in batch and "nsp_logits" in out
-    parts = losses.mlm_nsp_loss(
-        out["mlm_logits"], batch["targets"], batch["weights"],
-        out["nsp_logits"] if nsp else None, batch["nsp_labels"] if nsp else None,
-        batch.get("nsp_weights") if nsp else None, label_smoothing=label_smoothing, z_loss=z_loss)
-    sums = {"lm": parts["mlm"]}
-    if nsp:
-        sums["nsp"] = parts["nsp"]
+    hidden, targets, weights = out["hidden"], batch["targets"], batch["weights"]
+    kw = dict(label_smoothing=label_smoothing, z_loss=z_loss)
+    k = min(hidden.shape[1], max(1, math.ceil(MLM_GATHER_FRACTION * hidden.shape[1])))
+
+    def gathered(hidden):
+        _, idx = jax.lax.top_k((weights != 0).astype(jnp.float32), k)  # [B, K]: every selected position first
+        pick = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+        return losses.cross_entropy(model.mlm_logits(pick(hidden)), pick(targets), pick(weights), **kw)
+
+    def full(hidden):
+        return losses.cross_entropy(model.mlm_logits(hidden), targets, weights, **kw)
+
+    if k == hidden.shape[1]:
+        mlm = full(hidden)
+    else:
+        fits = jnp.max(jnp.sum((weights != 0).astype(jnp.int32), axis=1)) <= k
+        mlm = jax.lax.cond(fits, gathered, full, hidden)
+    sums = {"lm": mlm}
+    if "nsp_labels" in batch and "nsp_logits" in out:
+        sums["nsp"] = losses.cross_entropy(out["nsp_logits"], batch["nsp_labels"], batch.get("nsp_weights"))
     return sums["lm"].loss, sums
 
 
