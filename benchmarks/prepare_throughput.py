@@ -33,7 +33,7 @@ from pathlib import Path
 import sentencepiece
 from absl import flags
 
-from benchmarks.common import machine_info, table, write_result
+from benchmarks.common import machine_info, parse_flags, table, write_result
 from llmjax.data import corpus
 from llmjax.data.prepare import default_data_config, documents, prepare
 from llmjax.data.shards import TOKENIZER_FILE
@@ -89,9 +89,7 @@ def time_sentencepiece(sp, texts: list[str], threads: int, chunk: int) -> tuple[
 
 
 def main(argv: list[str]) -> int:
-    fv = flags.FlagValues()
-    _define(fv)
-    fv(argv)
+    fv = parse_flags(argv, _define, __doc__)
     scales = [int(s) for s in fv.scale]
     if any(s < 1 for s in scales):
         raise SystemExit(f"--scale: copies of the default corpus, each >= 1; got {fv.scale}")

@@ -118,8 +118,11 @@ class Peer:
         return r["step_s"], r["loss"]
 
     def close(self):
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it has exited already; its error is what the caller reports
+            pass
         self.proc.wait(timeout=60)
 
 
@@ -227,19 +230,14 @@ def run_family(family: str, fv, tmp: Path) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from absl import flags
-
+    from benchmarks.common import machine_info, parse_flags, table, write_result
     from llmjax import runtime
 
     runtime.prepare_process(many_steps=True)  # as `llmjax train` does, before JAX starts
-    fv = flags.FlagValues()
-    _define(fv)
-    fv(argv)
+    fv = parse_flags(argv, _define, __doc__)
     unknown = [f for f in fv.families if f not in HF_CLASS]
     if unknown:
         raise SystemExit(f"--families: no HF counterpart for {unknown}; choose from {', '.join(HF_CLASS)}")
-
-    from benchmarks.common import machine_info, table, write_result
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="llmjax-vs-hf-") as tmp:
