@@ -25,6 +25,7 @@ Per round one HF step, then one llmjax step; --warmup rounds untimed. tokens/s c
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
@@ -45,7 +46,7 @@ _PEER_ENV_DROP = ("LD_PRELOAD", "XLA_FLAGS", "PYTHONPATH", "MALLOC_ARENA_MAX", "
 
 
 def _define(fv):
-    from absl import flags
+    from absl import flags  # as benchmarks/throughput.py: loaded only when the flags are defined
 
     flags.DEFINE_list("families", list(HF_CLASS), "configs/<family>.py to compare", flag_values=fv)
     flags.DEFINE_integer("rounds", 12, "timed rounds (one HF step, then one llmjax step)", flag_values=fv)
@@ -58,7 +59,7 @@ def _define(fv):
 
 def family_batch(family: str, cfg, spec: dict, vocab_size: int) -> tuple[dict, dict]:
     """(llmjax batch, HF forward kwargs) of the same tokens and loss positions (see the module doc)."""
-    import numpy as np
+    import numpy as np  # as run_family's imports: nothing of JAX's before main() has prepared the process
 
     from llmjax.compile import random_batch
     from llmjax.data.vocab import CLS_ID, MASK_ID, SEP_ID
@@ -127,9 +128,7 @@ class Peer:
 
 
 def run_family(family: str, fv, tmp: Path) -> dict:
-    import importlib
-
-    import jax
+    import jax  # here, not at the top: main() sets the XLA flags and malloc before JAX starts
     import numpy as np
 
     from llmjax.compile import build_train_step
@@ -230,7 +229,7 @@ def run_family(family: str, fv, tmp: Path) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from benchmarks.common import machine_info, parse_flags, table, write_result
+    from benchmarks.common import machine_info, parse_flags, table, write_result  # light: JAX only when called
     from llmjax import runtime
 
     runtime.prepare_process(many_steps=True)  # as `llmjax train` does, before JAX starts
