@@ -53,3 +53,20 @@ def write_result(name: str, result: dict) -> Path:
 def table(rows: list[tuple[str, str]]) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def parse_flags(argv: list[str], define, doc: str):
+    """absl flags of a benchmark without --config: `define(flag_values)` adds them. --help prints `doc` and the
+    flags and exits 0; a bad flag exits with one line."""
+    from absl import flags  # as machine_info's jax: only the scripts that parse flags load it
+
+    fv = flags.FlagValues()
+    define(fv)
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        print(doc.strip() + "\n\nflags:\n" + fv.get_help(include_special_flags=False))
+        raise SystemExit(0)
+    try:
+        fv(argv)
+    except flags.Error as e:
+        raise SystemExit(f"{argv[0]}: {e}") from None
+    return fv
