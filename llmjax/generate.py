@@ -68,7 +68,9 @@ def choose_tokens(logits: jax.Array, key: jax.Array, *, greedy: bool, temperatur
     softmax(filter(logits / temperature)) (temperature, then top-k, then top-p)."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
+    # The filters sort the vocabulary (every row, every step): only when one is on.
+    filtered = jax.lax.cond((top_k > 0) | (top_p < 1.0), lambda x: filter_logits(x, top_k=top_k, top_p=top_p),
+                            lambda x: x, logits / temperature)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 

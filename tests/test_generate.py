@@ -22,6 +22,9 @@ CONFIGS = {
     "encoder_decoder": ModelConfig(family="encoder_decoder", activation="geglu_tanh", norm="rmsnorm", use_bias=False,
                                    position="relative", scale_attention=False, relative_max_distance=16, **COMMON),
 }
+# RoPE and grouped-query attention (4 query heads share 2 kv heads), SwiGLU, an untied output projection.
+LLAMA = ModelConfig(family="decoder", activation="swiglu", norm="rmsnorm", use_bias=False, position="rope",
+                    num_kv_heads=2, tie_embeddings=False, **COMMON)
 # Different lengths, so rows are padded differently (decoder prompts start with bos = 3).
 PROMPTS = [[3, 41, 17, 88, 9, 23, 60], [3, 12], [3, 70, 33, 51], [3]]
 
@@ -102,6 +105,18 @@ def test_cached_greedy_equals_uncached_greedy(family):
     # Each row decodes as if it were alone: batching (and its padding) changes nothing.
     alone = generate(m, [prompts[1]], max_new_tokens=N)
     assert alone.tokens[0] == out.tokens[1]
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_grouped_query_decoding_equals_uncached_greedy(scan):
+    """Llama-style (RoPE, grouped-query heads read from the heads-first cache), unrolled or scanned (caches
+    stacked over the layers): cached greedy == uncached greedy, log-probs too."""
+    m = build_model(LLAMA.replace(scan_layers=scan), 0)
+    out = generate(m, PROMPTS, max_new_tokens=N)
+    ref, ref_done = reference_greedy(m, PROMPTS, N)
+    assert out.tokens == ref
+    np.testing.assert_array_equal(out.finished, ref_done)
+    np.testing.assert_allclose(out.log_probs, sequence_log_prob(m, PROMPTS, out), rtol=1e-4, atol=1e-4)
 
 
 def test_prefix_lm_decoding_equals_uncached_prefix_lm_greedy():

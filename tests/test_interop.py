@@ -15,6 +15,7 @@ transformers = importlib.import_module("transformers")
 
 from flax import nnx  # noqa: E402
 
+from llmjax.generate import generate  # noqa: E402
 from llmjax.interop import InteropError, from_hf, load_params, to_hf  # noqa: E402
 from llmjax.interop import bert, gpt2, hf, llama, t5  # noqa: E402
 from llmjax.models.config import ModelConfig  # noqa: E402
@@ -193,6 +194,19 @@ def test_attention_kernels_match_transformers(case, kernel):
     diffs = _max_diffs(case, model, hf_model, batch)
     print(case, kernel, diffs)
     assert max(diffs.values()) <= TOL, diffs
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama"])  # learned positions and a tied output embedding; RoPE and GQA
+def test_greedy_decoding_matches_transformers_generate(case):
+    """llmjax.generate's greedy tokens equal transformers' `generate` on the same two prompts (no EOS)."""
+    hf_model, n, prompts = _hf_model(case), 8, np.random.default_rng(0).integers(1, V, (2, 5))
+    hf_model.generation_config.eos_token_id, hf_model.generation_config.pad_token_id = None, 0
+    with torch.no_grad():
+        ids = torch.as_tensor(prompts)
+        want = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    _, model = from_hf(hf_model)
+    got = generate(model, prompts.tolist(), max_new_tokens=n, eos_id=-1)
+    np.testing.assert_array_equal(got.sequences, want[:, prompts.shape[1]:].numpy())
 
 
 def test_lora_adapters_are_merged_on_export():

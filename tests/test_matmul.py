@@ -34,7 +34,7 @@ def test_matches_xla_dot_values_and_gradients(m, k, n, transpose_w, with_bias):
     g = jax.random.normal(keys[3], (m, n))
 
     def loss(x, w, b):
-        return jnp.sum(matmul(x, w, b, transpose_w=transpose_w) * g)
+        return jnp.sum(cpu_matmul.matmul(x, w, b, transpose_w=transpose_w) * g)
 
     with one_device_mesh():
         fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2) if with_bias else (0, 1)))
@@ -98,8 +98,9 @@ def test_mlp_with_the_activation_inside_the_matmuls(m, d, f, activation, with_bi
 
 
 def test_steps_aside_where_it_cannot_run():
-    """bfloat16, a mesh of several devices (a custom call is not partitioned) and an empty dimension use XLA's
-    dot: no custom call, the same result."""
+    """bfloat16, a mesh of several devices (a custom call is not partitioned), an empty dimension and fewer than
+    MIN_ROWS rows (a decode step's matrix-vector products, faster on XLA's dot) use XLA's dot: no custom call,
+    the same result."""
     x = jax.random.normal(jax.random.key(0), (64, 32))
     w = jax.random.normal(jax.random.key(1), (32, 16))
     assert cpu_matmul.available()  # this machine has g++ and the scipy-openblas32 wheel
@@ -107,6 +108,7 @@ def test_steps_aside_where_it_cannot_run():
         "bfloat16": (one_device_mesh, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)),
         "8-device mesh": (lambda: jax.set_mesh(shd.make_mesh(shd.mesh_config(data=8), jax.devices()[:8])), x, w),
         "empty rows": (one_device_mesh, x[:0], w),
+        "few rows": (one_device_mesh, x[:cpu_matmul.MIN_ROWS - 1], w),
     }
     for name, (mesh, x1, w1) in cases.items():
         with mesh():

@@ -33,6 +33,10 @@ log = logging.getLogger("llmjax")
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 MAX_DIM = 2**31 - 1  # sgemm takes 32-bit ints (scipy-openblas32)
+# Fewer rows than this (decoding: one row per sequence) make a matmul a matrix-vector product bound by reading w,
+# which XLA's dot streams on all cores ~3x faster at one row than per-core sgemm blocks (GPT-2 small's tied
+# output embedding, 154 MB: 8 vs 24 ms; benchmarks/decoding.py); from ~32 rows on they are about even.
+MIN_ROWS = 32
 
 
 @functools.cache
@@ -55,9 +59,10 @@ def available() -> bool:
 
 def usable(x: jax.Array, w: jax.Array) -> bool:
     """Whether `matmul(x, w, ...)` should run on the kernel here: 2-D float32 operands with no empty or
-    oversized dimension, traced for one CPU device (the kernel is not partitioned), and the kernel available."""
+    oversized dimension, at least MIN_ROWS rows of x (fewer: XLA's dot is faster), traced for one CPU device (the
+    kernel is not partitioned), and the kernel available."""
     return (x.ndim == 2 and w.ndim == 2 and x.dtype == jnp.float32 and w.dtype == jnp.float32
-            and 0 < min(*x.shape, *w.shape) and max(*x.shape, *w.shape) <= MAX_DIM
+            and 0 < min(*x.shape, *w.shape) and max(*x.shape, *w.shape) <= MAX_DIM and x.shape[0] >= MIN_ROWS
             and native.platform() == "cpu" and native.one_device() and available())
 
 

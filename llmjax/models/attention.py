@@ -98,10 +98,14 @@ class AttentionMask:
 @struct.dataclass
 class KVCache:
     """Keys and values of one attention layer for incremental decoding, with the per-token vectors the
-    mask needs. Self-attention writes new tokens at `index`; cross-attention fills it once."""
+    mask needs. Self-attention writes new tokens at `index`; cross-attention fills it once.
 
-    k: jax.Array  # [B, S, K, H]
-    v: jax.Array  # [B, S, K, H]
+    Keys and values are stored heads first, [B, K, S, H], the layout the attention's batched matmuls read: a
+    decode step reads the cache in place (`decode_attention`) where a tokens-first cache was transposed (copied
+    whole) in every layer at every step."""
+
+    k: jax.Array  # [B, K, S, H]
+    v: jax.Array  # [B, K, S, H]
     segment_ids: jax.Array  # [B, S] int, 0 = empty slot
     positions: jax.Array  # [B, S] int
     prefix: jax.Array  # [B, S] bool
@@ -110,20 +114,30 @@ class KVCache:
     @classmethod
     def empty(cls, batch: int, length: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
         return cls(
-            k=jnp.zeros((batch, length, kv_heads, head_dim), dtype),
-            v=jnp.zeros((batch, length, kv_heads, head_dim), dtype),
+            k=jnp.zeros((batch, kv_heads, length, head_dim), dtype),
+            v=jnp.zeros((batch, kv_heads, length, head_dim), dtype),
             segment_ids=jnp.zeros((batch, length), jnp.int32),
             positions=jnp.zeros((batch, length), jnp.int32),
             prefix=jnp.zeros((batch, length), bool),
             index=jnp.zeros((), jnp.int32),
         )
 
+    @classmethod
+    def of(cls, k, v, layout: TokenLayout) -> "KVCache":
+        """A full cache of keys and values k/v [B, S, K, H] laid out as `layout` (cross-attention's)."""
+        b, s = layout.segment_ids.shape
+        prefix = jnp.zeros((b, s), bool) if layout.prefix is None else layout.prefix
+        return cls(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), layout.segment_ids, layout.positions, prefix,
+                   jnp.asarray(s, jnp.int32))
+
     def append(self, k, v, layout: TokenLayout) -> "KVCache":
-        """Write t new tokens ([B, t, ...], laid out as `layout`) at `index`."""
-        upd = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), self.index, axis=1)
+        """Write t new tokens (k/v [B, t, K, H], laid out as `layout`) at `index`."""
+        upd = lambda buf, new, axis=1: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), self.index,
+                                                                           axis=axis)
         prefix = layout.prefix if layout.prefix is not None else jnp.zeros(layout.segment_ids.shape, bool)
         return KVCache(
-            k=upd(self.k, k), v=upd(self.v, v), segment_ids=upd(self.segment_ids, layout.segment_ids),
+            k=upd(self.k, k.transpose(0, 2, 1, 3), 2), v=upd(self.v, v.transpose(0, 2, 1, 3), 2),
+            segment_ids=upd(self.segment_ids, layout.segment_ids),
             positions=upd(self.positions, layout.positions), prefix=upd(self.prefix, prefix),
             index=self.index + k.shape[1],
         )
@@ -517,6 +531,23 @@ def attend(q, k, v, mask: AttentionMask, *, kernel: str, bias=None, scale: float
     raise ValueError(f"model.attention_kernel: unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
 
 
+def cached_attention(q, kh, vh, mask: AttentionMask, *, kernel: str, bias=None, scale: float, block_size: int = 512,
+                     dropout_rate: float = 0.0, dropout_rng=None) -> jax.Array:
+    """q [B, T, N, H] against the heads-first keys and values of a KVCache, kh/vh [B, K, S, H] -> [B, T, N, H].
+
+    A decode step (one query per row) runs the reference kernel's batched matmuls on the cache where it lies (its
+    scores [B, N, 1, S] are small): every other kernel takes tokens-first keys and values, which would copy the
+    whole cache in every layer at every step. Longer queries (a prompt's prefill) take that copy once and run
+    `kernel` through `attend`."""
+    if q.shape[1] == 1:
+        out = _reference_heads_first(_heads_first(q, kh.shape[1]), kh, vh, mask, bias=bias, scale=scale,
+                                     dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+        return _tokens_first(out).astype(q.dtype)
+    tokens_first = lambda a: a.transpose(0, 2, 1, 3)  # [B, K, S, H] -> [B, S, K, H]
+    return attend(q, tokens_first(kh), tokens_first(vh), mask, kernel=kernel, bias=bias, scale=scale,
+                  block_size=block_size, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+
+
 # --------------------------------------------------------------------------------- context parallelism
 def _context_parallel() -> bool:
     """Whether this step's mesh splits sequences (a `context` axis of size > 1)."""
@@ -596,9 +627,7 @@ class Attention(nnx.Module):
 
     def cross_cache(self, context: jax.Array, layout: TokenLayout) -> KVCache:
         """Cross-attention keys/values of the encoder output (laid out as `layout`), computed once for decoding."""
-        k, v = self.kv(context, layout.positions)
-        b, s = layout.segment_ids.shape
-        return KVCache(k, v, layout.segment_ids, layout.positions, jnp.zeros((b, s), bool), jnp.asarray(s, jnp.int32))
+        return KVCache.of(*self.kv(context, layout.positions), layout.replace(prefix=None))
 
     def __call__(
         self,
@@ -643,9 +672,14 @@ class Attention(nnx.Module):
         if not deterministic and self.dropout_rate > 0:
             dropout_rng = self.rngs.dropout()
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-        remat = cache is None and self.cfg.remat != "none"  # the stack recomputes this block in the backward pass
+        if cache is not None:  # k, v [B, K, S, H]: the cache's, heads first
+            out = cached_attention(q, k, v, mask, kernel=self.cfg.attention_kernel, bias=bias, scale=self.scale,
+                                   block_size=self.cfg.attention_block_size, dropout_rate=self.dropout_rate,
+                                   dropout_rng=dropout_rng)
+            return self.o(out), cache
+        remat = self.cfg.remat != "none"  # the stack recomputes this block in the backward pass
         out = None
-        if cache is None and _context_parallel():
+        if _context_parallel():
             if bias is not None and not isinstance(bias, jax.Array):  # T5's bias function: as an array [B, N, T, S]
                 bias = bias(mask.q_positions, mask.kv_positions)
             # Per shard the memory-efficient blockwise kernel (the platform kernels assume queries and keys that
