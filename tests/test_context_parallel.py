@@ -64,7 +64,7 @@ def test_context_parallel_gradients_equal_one_device(family, mesh):
     with jax.set_mesh(m):
         many = jax.jit(split)(params, batch)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-5)  # float32: |grad| ~36
 
 
 def test_attention_memory_per_device_falls_with_the_context_size():
