@@ -3,12 +3,13 @@ with AdamW, timed here, driven over a pipe. It imports neither llmjax nor JAX an
 user's PyTorch run would; the parent starts it with a clean environment.
 
 Protocol (one JSON object per line): the parent writes the setup
-    {"model_class", "config_class", "hf_config", "untie_lm_head", "shifted_labels", "batch", "optim",
+    {"model_class", "config_class", "hf_config", "untie_lm_head", "shifted_labels", "batch", "weights", "optim",
      "threads", "seed"}
-where "batch" names an .npz of the forward's keyword arguments ("labels" included, -100 = no loss), and the
-child answers {"ready": true, "parameters", ...}; then each "step" line is answered {"step_s", "loss"} with
-the step's own time (forward, backward, clipping, optimizer and schedule step, zero_grad), so the pipe's
-latency is not counted; "quit" ends it.
+where "batch" names an .npz of the forward's keyword arguments ("labels" included, -100 = no loss) and
+"weights" an .npz of the initial state dict (HF names), and the child answers {"ready": true, "parameters",
+"unloaded", "unused", ...} (the model's weights the file lacks, the file's weights the model lacks); then
+each "step" line is answered {"step_s", "loss"} with the step's own time (forward, backward, clipping,
+optimizer and schedule step, zero_grad), so the pipe's latency is not counted; "quit" ends it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def build(setup: dict):
         # As llmjax.interop.t5.new_hf_model: an untied T5 v1.1 has its own lm_head weight.
         model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
         model.all_tied_weights_keys.pop("lm_head.weight", None)
+    with np.load(setup["weights"]) as z:
+        given = {k: torch.from_numpy(z[k]) for k in z.files}
+    missing, unused = model.load_state_dict(given, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and model.get_output_embeddings().weight
+            is model.get_input_embeddings().weight}
     model.train()
     o = setup["optim"]
     # Weight decay as llmjax.state.decay_mask: matrices only, not embeddings, norms or biases.
@@ -66,6 +72,7 @@ def build(setup: dict):
         batch = {k: torch.from_numpy(z[k].astype(np.int64)) for k in z.files}
     info = {
         "parameters": sum(p.numel() for p in model.parameters()),
+        "unloaded": sorted(set(missing) - tied), "unused": sorted(unused),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         # A causal LM shifts its labels inside the model: the first label of each row is never a target.
         "loss_tokens": int((batch["labels"][:, 1 if setup["shifted_labels"] else 0:] != -100).sum()),

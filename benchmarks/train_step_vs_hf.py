@@ -2,12 +2,17 @@
 two in one run. JSON in benchmarks/results/<name>.json (default train_step_vs_hf).
 
     python -m benchmarks.train_step_vs_hf [--families bert_tiny,t5_tiny,gpt_tiny] [--rounds 12] [--warmup 2]
+    python -m benchmarks.train_step_vs_hf --families bench_gpt --name bench_gpt_vs_hf
+
+bench_gpt (23M parameters, 8 x 256, exact GELU) is the shape of the nanoGPT comparison in docs/performance.md;
+its peer here is HF's GPT2LMHeadModel, which computes what nanoGPT's model.py computes.
 
 llmjax: the real sharded train step of configs/<family>.py as benchmarks/throughput.py builds it
-(llmjax.compile.build_train_step, compiled once, state donated, dropout as in the config) on a synthetic batch
-of the config's shapes. Hugging Face: the model of the same architecture and size, built from llmjax's own
-config converters (llmjax.interop.<bert|t5|gpt2>.hf_config_from), float32, AdamW with the config's lr schedule,
-betas, eps and weight decay (matrices only, as llmjax.state.decay_mask), gradient clipping when the config
+(llmjax.compile.build_train_step, compiled once, state donated, dropout as in the config) on a synthetic batch of
+the config's shapes. Hugging Face: the model of the same architecture and size, built from llmjax's own config
+converters (llmjax.interop.<bert|t5|gpt2>.hf_config_from) and started from llmjax's initial weights (params_to_hf),
+so both sides take the same first step and their losses can be compared; float32, AdamW with the config's lr
+schedule, betas, eps and weight decay (matrices only, as llmjax.state.decay_mask), gradient clipping when the config
 clips, in its own process (benchmarks/hf_train_step.py: no llmjax or JAX import, glibc's default malloc,
 torch.set_num_threads(--torch_threads)), driven over a pipe and timing its own step.
 
@@ -39,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER = Path(__file__).resolve().with_name("hf_train_step.py")
 # family config -> (llmjax.interop module, HF model class): the HF classes a user trains each objective with.
 HF_CLASS = {"bert_tiny": ("bert", "BertForMaskedLM"), "t5_tiny": ("t5", "T5ForConditionalGeneration"),
-            "gpt_tiny": ("gpt2", "GPT2LMHeadModel")}
+            "gpt_tiny": ("gpt2", "GPT2LMHeadModel"), "bench_gpt": ("gpt2", "GPT2LMHeadModel")}
 # Environment variables that would change the peer's malloc or threads away from a plain PyTorch run.
 _PEER_ENV_DROP = ("LD_PRELOAD", "XLA_FLAGS", "PYTHONPATH", "MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_",
                   "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
@@ -48,7 +53,8 @@ _PEER_ENV_DROP = ("LD_PRELOAD", "XLA_FLAGS", "PYTHONPATH", "MALLOC_ARENA_MAX", "
 def _define(fv):
     from absl import flags  # as benchmarks/throughput.py: loaded only when the flags are defined
 
-    flags.DEFINE_list("families", list(HF_CLASS), "configs/<family>.py to compare", flag_values=fv)
+    flags.DEFINE_list("families", ["bert_tiny", "t5_tiny", "gpt_tiny"], "configs/<family>.py to compare "
+                      f"(any of {', '.join(HF_CLASS)})", flag_values=fv)
     flags.DEFINE_integer("rounds", 12, "timed rounds (one HF step, then one llmjax step)", flag_values=fv)
     flags.DEFINE_integer("warmup", 2, "untimed rounds first (after compilation)", flag_values=fv)
     flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads of the HF peer; 0 = os.cpu_count()",
@@ -145,6 +151,7 @@ def run_family(family: str, fv, tmp: Path) -> dict:
     mc = parts.model_cfg
     local, hf_batch = family_batch(family, cfg, parts.batch_spec, mc.vocab_size)
     state = parts.init_state(int(cfg.train.seed))
+    np.savez(tmp / f"{family}_weights.npz", **interop.params_to_hf(state.params, mc))  # before the donating step
     top = {}
     for path, x in jax.tree_util.tree_leaves_with_path(state.params):
         key = str(getattr(path[0], "key", path[0]))
@@ -161,6 +168,7 @@ def run_family(family: str, fv, tmp: Path) -> dict:
     setup = {"model_class": model_class, "config_class": type(hf_config).__name__, "hf_config": hf_config.to_dict(),
              "untie_lm_head": interop_name == "t5" and not mc.tie_embeddings,
              "shifted_labels": interop_name == "gpt2", "batch": str(tmp / f"{family}.npz"),
+             "weights": str(tmp / f"{family}_weights.npz"),
              "threads": fv.torch_threads or os.cpu_count(), "seed": int(cfg.train.seed),
              "optim": {k: o[k] for k in ("learning_rate", "b1", "b2", "eps", "weight_decay", "clip_norm", "schedule",
                                          "warmup_steps", "min_lr_ratio", "decay_embeddings")}
@@ -170,17 +178,17 @@ def run_family(family: str, fv, tmp: Path) -> dict:
                          "linear or constant schedule)")
     peer = Peer(setup)
     try:
-        ours_t, theirs_t = [], []
+        ours_t, theirs_t, losses = [], [], []
         for r in range(fv.warmup + fv.rounds):
             hf_s, hf_loss = peer.step()
             t = time.perf_counter()
             state, m = compiled(state, batch)
             jax.block_until_ready((state, m))
             dt = time.perf_counter() - t
+            losses.append((float(m["loss"]), hf_loss))
             if r >= fv.warmup:
                 ours_t.append(dt)
                 theirs_t.append(hf_s)
-        our_loss = float(m["loss"])
     finally:
         peer.close()
     info = peer.info
@@ -196,6 +204,11 @@ def run_family(family: str, fv, tmp: Path) -> dict:
                                                f"{top.get('pooler', 0) + top.get('nsp', 0):,}, which "
                                                "BertForMaskedLM lacks and the MLM loss does not use"
                                                if family == "bert_tiny" else ""))
+    if info["unloaded"]:
+        notes.append(f"HF kept its own initial values for {info['unloaded']}")
+    if abs(losses[0][0] - losses[0][1]) > 1e-3 * abs(losses[0][1]):
+        notes.append(f"first losses differ: llmjax {losses[0][0]:.6f} vs HF {losses[0][1]:.6f} (same weights, same "
+                     "batch: the two sides do not compute the same step)")
     if int(weights.sum()) != info["loss_tokens"]:
         notes.append(f"loss tokens differ: llmjax {int(weights.sum())} vs HF {info['loss_tokens']}")
     return {
@@ -222,7 +235,10 @@ def run_family(family: str, fv, tmp: Path) -> dict:
         "hf_tokens_per_s": tokens / theirs_s,
         "speed_llmjax_over_hf": theirs_s / ours_s,
         "llmjax_compile_s": compile_s,
-        "final_loss": {"llmjax": our_loss, "hf": hf_loss},
+        "first_loss": {"llmjax": losses[0][0], "hf": losses[0][1]},
+        "final_loss": {"llmjax": losses[-1][0], "hf": losses[-1][1]},
+        "hf_weights_not_from_llmjax": info["unloaded"],
+        "hf_weights_unused": info["unused"],
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "notes": notes,
     }
@@ -252,14 +268,17 @@ def main(argv: list[str]) -> int:
     }
     ms = lambda s: f"{s * 1e3:8.1f}"  # noqa: E731
     print(f"{'family':<10} {'llmjax ms':>10} {'HF ms':>10} {'llmjax tok/s':>13} {'HF tok/s':>10} {'speed':>7}  "
-          "parameters (llmjax / HF)")
+          f"{'first loss':>17}  {'last loss':>17}  parameters (llmjax / HF)")
     for r in rows:
         print(f"{r['family']:<10} {ms(r['llmjax_median_step_s']):>10} {ms(r['hf_median_step_s']):>10} "
               f"{r['llmjax_tokens_per_s']:>13,.0f} {r['hf_tokens_per_s']:>10,.0f} {r['speed_llmjax_over_hf']:>6.2f}x  "
+              f"{r['first_loss']['llmjax']:8.4f}/{r['first_loss']['hf']:<8.4f}  "
+              f"{r['final_loss']['llmjax']:8.4f}/{r['final_loss']['hf']:<8.4f}  "
               f"{r['parameters']['llmjax']:,} / {r['parameters']['hf']:,}")
     print(table([
         ("rounds", f"{fv.rounds} timed after {fv.warmup} warm-up (one HF step, then one llmjax step); medians"),
         ("speed", "HF median step time / llmjax median step time (> 1: llmjax is faster)"),
+        ("losses", "llmjax / HF, of the first and the last step: both start from llmjax's initial weights"),
         ("load average 1 min", f"{load_before:.2f} before, {result['load_average_1min']['after']:.2f} after"),
     ]))
     for r in rows:
