@@ -64,7 +64,14 @@ from llmjax.models.config import ConfigError, ModelConfig
 from llmjax.models.flops import train_flops
 from llmjax.models.layers import Linear, count_params
 from llmjax.models.transformer import build_model
-from llmjax.objectives import MIXTURES, decoder_example, encoder_decoder_example, losses, make_objective
+from llmjax.objectives import (
+    MIXTURES,
+    PREFIX_OBJECTIVES,
+    decoder_example,
+    encoder_decoder_example,
+    losses,
+    make_objective,
+)
 from llmjax.objectives.span_corruption import corrupt
 from llmjax.state import TrainState, make_optimizer, replicated_state
 from llmjax.step import batch_shardings, global_batch, make_eval_step, make_train_step
@@ -325,7 +332,7 @@ def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, token
         clock[name], t = time.time() - t, time.time()
 
     infill = infill_accuracy(model, infill_objective, windows, tokenizer.special_ids, ys, mode=mode,
-                             bidirectional_inputs=bool(cfg.objective_args.get("bidirectional_inputs", True)))
+                             prefix_lm=bidirectional_prefix(cfg))
     lap("infill_accuracy")
     probe = probe_accuracy(model_cfg, state, cfg, data_dir, tokenizer, ys, seed=int(cfg.train.seed))
     lap("probe_accuracy")
@@ -346,7 +353,8 @@ def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, token
         "train_flops": steps * per_step, "final_step": step,
         "own_loss": eval_rows[-1]["eval/loss"] if eval_rows else summary.get("eval", {}).get("loss"),
         "continuation_ppl": ppl, "infill_accuracy": infill, "probe_accuracy": probe,
-        "name_exact_match": names["exact_match"], "name_token_accuracy": names["token_accuracy"], "curve": curve, "seconds": time.time() - t0, "phase_seconds": clock,
+        "name_exact_match": names["exact_match"], "name_token_accuracy": names["token_accuracy"], "curve": curve,
+        "seconds": time.time() - t0, "phase_seconds": clock,
     }
 
 
@@ -374,26 +382,6 @@ def validation_windows(data_dir: Path, ys) -> np.ndarray:
     return np.stack(out)
 
 
-def _pad(rows: list[dict], length: int | dict | None = None) -> dict:
-    """Stack variable-length examples, padding with 0 (weights 0, segment 0)."""
-    out = {}
-    for key in rows[0]:
-        width = max(len(r[key]) for r in rows)
-        arr = np.zeros((len(rows), width), np.asarray(rows[0][key]).dtype)
-        for i, r in enumerate(rows):
-            arr[i, :len(r[key])] = r[key]
-        out[key] = arr
-    return out
-
-
-def _segments(batch: dict, key: str, prefix: str = "") -> None:
-    """segment ids (1 on real tokens) and positions for the padded rows of batch[key]."""
-    lengths = batch.pop(f"_{key}_len")
-    width = batch[key].shape[1]
-    batch[prefix + "segment_ids"] = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
-    batch[prefix + "positions"] = np.broadcast_to(np.arange(width, dtype=np.int32), batch[key].shape).copy()
-
-
 def _decoder_rows(pairs, ids, prefix_lm: bool, scored=None) -> dict:
     """(prefix, target) pairs -> a padded decoder batch; weights on the target tokens (or on `scored`
     positions of the target, a per-row slice)."""
@@ -405,15 +393,8 @@ def _decoder_rows(pairs, ids, prefix_lm: bool, scored=None) -> dict:
             w = np.zeros_like(ex["weights"])
             w[len(p) + scored[i].start: len(p) + scored[i].stop] = 1.0
             ex["weights"] = w
-        ex["_inputs_len"] = len(ex["inputs"])
         rows.append(ex)
-    lengths = np.array([r.pop("_inputs_len") for r in rows])
-    batch = _pad(rows)
-    batch["_inputs_len"] = lengths
-    _segments(batch, "inputs")
-    if "prefix_mask" in batch:
-        batch["prefix_mask"] = batch["prefix_mask"].astype(bool)
-    return batch
+    return downstream.pad_rows(rows)
 
 
 def _encdec_rows(pairs, ids, scored=None) -> dict:
@@ -426,13 +407,7 @@ def _encdec_rows(pairs, ids, scored=None) -> dict:
             w[scored[i]] = 1.0
             ex["decoder_weights"] = w
         rows.append(ex)
-    enc_len = np.array([len(r["encoder_inputs"]) for r in rows])
-    dec_len = np.array([len(r["decoder_inputs"]) for r in rows])
-    batch = _pad(rows)
-    batch["_encoder_inputs_len"], batch["_decoder_inputs_len"] = enc_len, dec_len
-    _segments(batch, "encoder_inputs", "encoder_")
-    _segments(batch, "decoder_inputs", "decoder_")
-    return batch
+    return downstream.pad_rows(rows)
 
 
 @nnx.jit
@@ -466,6 +441,15 @@ def _chunks(items: list, size: int):
 
 
 # -------------------------------------------------------------------------------------- yardsticks
+def bidirectional_prefix(cfg) -> bool:
+    """Whether a decoder pretrained on `cfg.objective` saw its inputs as a bidirectional prefix (prefix_mask), so
+    that the yardsticks in its format give it one too: prefix LM, every mixture of denoisers (MIXTURES: all of
+    a mixture's decoder examples have one, whichever denoiser and mode token), and span corruption unless
+    objective_args.bidirectional_inputs is False."""
+    return cfg.objective in PREFIX_OBJECTIVES or (
+        cfg.objective == "span_corruption" and bool(cfg.objective_args.get("bidirectional_inputs", True)))
+
+
 def continuation_perplexity(model, windows: np.ndarray, ids, ys) -> float:
     """exp(mean cross-entropy) of the second half of every window given the first half."""
     half = windows.shape[1] // 2
@@ -480,11 +464,11 @@ def continuation_perplexity(model, windows: np.ndarray, ids, ys) -> float:
     return float(math.exp(loss / weight))
 
 
-def infill_accuracy(model, objective: str, windows: np.ndarray, ids, ys, *, bidirectional_inputs: bool = True,
+def infill_accuracy(model, objective: str, windows: np.ndarray, ids, ys, *, prefix_lm: bool = False,
                     mode: int | None = None) -> float:
     """Teacher-forced accuracy on a span of `infill_span` tokens in the middle of every window, hidden in
-    the format of the model's own objective (bidirectional_inputs: span corruption's decoder option; mode: a
-    mixture's mode token, leading the inputs, which a decoder then sees as a bidirectional prefix)."""
+    the format of the model's own objective (prefix_lm: a decoder sees the inputs as a bidirectional prefix,
+    as bidirectional_prefix says its pretraining did; mode: a mixture's mode token, leading the inputs)."""
 
     k = int(ys.infill_span)
     n = windows.shape[1]
@@ -508,12 +492,7 @@ def infill_accuracy(model, objective: str, windows: np.ndarray, ids, ys, *, bidi
         else:  # causal / prefix LM: the left context, then the span
             examples.append((np.concatenate([lead, w[:a]]), span, slice(0, k)))
     if objective == "mlm":
-        batches = []
-        for chunk in _chunks(examples, ys.eval_batch_size):
-            b = _pad(chunk)
-            b["_inputs_len"] = np.array([len(e["inputs"]) for e in chunk])
-            _segments(b, "inputs")
-            batches.append(b)
+        batches = [downstream.pad_rows(chunk) for chunk in _chunks(examples, ys.eval_batch_size)]
     elif family == "encoder_decoder":
         eos = np.array([ids.eos], np.int32)
         batches = []
@@ -521,9 +500,7 @@ def infill_accuracy(model, objective: str, windows: np.ndarray, ids, ys, *, bidi
             pairs = [(e if objective == "span_corruption" else np.concatenate([e, eos]), t) for e, t, _ in chunk]
             batches.append(_encdec_rows(pairs, ids, scored=[s for _, _, s in chunk]))
     else:
-        prefix = (objective == "prefix_lm" or (objective == "span_corruption" and bidirectional_inputs)
-                  or mode is not None)
-        batches = [_decoder_rows([(e, t) for e, t, _ in chunk], ids, prefix_lm=prefix,
+        batches = [_decoder_rows([(e, t) for e, t, _ in chunk], ids, prefix_lm=prefix_lm,
                                  scored=[s for _, _, s in chunk])
                    for chunk in _chunks(examples, ys.eval_batch_size)]
     _, weight, correct = _score_all(model, batches)
@@ -682,14 +659,12 @@ def downstream_format(cfg, ids, family: str, ys) -> downstream.Format:
     """How a cell reads the downstream task: a mixture leads with the mode token of its prefix-LM denoiser
     (UL2's mode switching for a sequence-to-sequence task); a decoder reads the input as a bidirectional
     prefix when its pretraining did."""
-    objective, mode = cfg.objective, None
-    if objective in MIXTURES:
-        objective, mode = make_objective(objective, ids, family, **objective_config_for(cfg)).format_for(
+    mode = None
+    if cfg.objective in MIXTURES:
+        _, mode = make_objective(cfg.objective, ids, family, **objective_config_for(cfg)).format_for(
             ("prefix_lm", "span_corruption", "causal_lm"))
-    prefix = objective == "prefix_lm" or (objective == "span_corruption" and bool(
-        cfg.objective_args.get("bidirectional_inputs", True))) or cfg.objective in MIXTURES
     return downstream.Format(family, int(ys.downstream_input_length), int(ys.downstream_target_length), mode,
-                             prefix_lm=family == "decoder" and prefix)
+                             prefix_lm=family == "decoder" and bidirectional_prefix(cfg))
 
 
 def downstream_scores(model_cfg: ModelConfig, state, cfg, tokenizer, ys, *, seed: int) -> dict:
@@ -794,8 +769,8 @@ def write_outputs(results: dict, workdir) -> None:
         f"model's own format; accuracy of a documentation-vs-code probe ({ys['probe_length']}-token passages, "
         f"{ys['probe_steps']} fine-tuning steps); after {ys.get('downstream_steps', 0)} steps of fine-tuning on "
         f"docstring -> name, the exact match of the names written for {ys.get('downstream_eval_examples', 0)} "
-        f"held-out docstrings and the teacher-forced accuracy on their tokens. 'own val loss' is each cell's own objective, not comparable "
-        f"across objectives.{spread_text}", "", results_table(results), "",
+        f"held-out docstrings and the teacher-forced accuracy on their tokens. 'own val loss' is each cell's "
+        f"own objective, not comparable across objectives.{spread_text}", "", results_table(results), "",
         "![loss vs FLOPs](loss_vs_flops.png)", "", "![yardsticks](yardsticks.png)", ""]
     (workdir / "RESULTS.md").write_text("\n".join(text))
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -30,6 +30,8 @@ from flax import nnx
 
 from llmjax.objectives import decoder_example, encoder_decoder_example
 
+SIDES = ("inputs", "encoder_inputs", "decoder_inputs")  # the token rows of a batch, each with its segment ids
+
 
 @dataclasses.dataclass(frozen=True)
 class Format:
@@ -82,28 +84,34 @@ def _example(x: np.ndarray, y: np.ndarray, ids, fmt: Format) -> dict:
             "targets": np.concatenate([head, slots, [ids.sep]]).astype(np.int32), "weights": weights}
 
 
-def batch(pairs: list[tuple[np.ndarray, np.ndarray]], ids, fmt: Format) -> dict:
-    """A training batch of fixed shape (the widths of `fmt`), in the keys of the family's pretraining batches;
-    padding has segment id 0 and weight 0."""
-    widths = _width(fmt)
-    rows = [_example(x, y, ids, fmt) for x, y in pairs]
+def pad_rows(rows: list[dict], widths: dict[str, int] | None = None) -> dict:
+    """Stack examples of varying length (the dicts of decoder_example, encoder_decoder_example or an MLM
+    example) into a batch: every key padded with 0 to the width of its side ("inputs", "encoder_inputs" or
+    "decoder_inputs": `widths[side]`, else the side's longest row), plus each side's segment ids (1 on real
+    tokens, 0 on padding) and positions; a prefix_mask is bool."""
+    lengths = {side: np.array([len(r[side]) for r in rows]) for side in SIDES if side in rows[0]}
+    widths = {side: int(n.max()) for side, n in lengths.items()} if widths is None else widths
     out = {}
     for key in rows[0]:
         side = "encoder_inputs" if key.startswith("encoder") else "decoder_inputs" if key.startswith("decoder") \
             else "inputs"
-        width = widths[side]
-        arr = np.zeros((len(rows), width), np.asarray(rows[0][key]).dtype)
+        arr = np.zeros((len(rows), widths[side]), np.asarray(rows[0][key]).dtype)
         for i, r in enumerate(rows):
             arr[i, :len(r[key])] = r[key]
         out[key] = arr
-    for side, width in widths.items():
-        prefix = side.removesuffix("inputs")
-        lengths = np.array([len(r[side]) for r in rows])
-        out[prefix + "segment_ids"] = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+    for side, n in lengths.items():
+        width, prefix = widths[side], side.removesuffix("inputs")
+        out[prefix + "segment_ids"] = (np.arange(width)[None] < n[:, None]).astype(np.int32)
         out[prefix + "positions"] = np.broadcast_to(np.arange(width, dtype=np.int32), (len(rows), width)).copy()
     if "prefix_mask" in out:
         out["prefix_mask"] = out["prefix_mask"].astype(bool)
     return out
+
+
+def batch(pairs: list[tuple[np.ndarray, np.ndarray]], ids, fmt: Format) -> dict:
+    """A training batch of fixed shape (the widths of `fmt`), in the keys of the family's pretraining batches;
+    padding has segment id 0 and weight 0."""
+    return pad_rows([_example(x, y, ids, fmt) for x, y in pairs], _width(fmt))
 
 
 @nnx.jit
