@@ -7,6 +7,7 @@ make a config field that is mapped wrongly show up in the logits.
 """
 
 import importlib
+import jax
 import numpy as np
 import pytest
 
@@ -259,3 +260,52 @@ def test_unsupported_models_fail_clearly():
                         norm_position="post", type_vocab_size=2, num_labels=3))
     with pytest.raises(InteropError, match="GPT-2 export: unsupported num_kv_heads=2"):
         to_hf(_abstract(vocab_size=V, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=64))
+
+
+def test_training_steps_match_transformers_with_torch_adamw(tmp_path):
+    """Eight steps of llmjax's train step (AdamW; warm-up, then cosine decay; weight decay on matrices only;
+    clipping by global norm, active here) from the same weights on the same packed-free batch give the losses
+    of transformers' GPT2LMHeadModel trained with torch.optim.AdamW as the train-step benchmark's PyTorch peer
+    (benchmarks/hf_train_step.py) sets it up. It checks that peer too: the benchmark compares like with like."""
+    from benchmarks import hf_train_step  # the benchmark's peer, run in this process
+    from llmjax import sharding as shd  # the train step's own pieces, as tests/test_train.py builds them
+    from llmjax.state import default_optim_config, init_state, make_optimizer
+    from llmjax.step import batch_shardings, global_batch, make_train_step
+
+    hf_cfg = transformers.GPT2Config(vocab_size=V, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = gpt2.config_from_hf(hf_cfg)
+    steps = 8
+    o = default_optim_config()
+    o.update(learning_rate=1e-2, warmup_steps=2, clip_norm=0.5, weight_decay=0.1, schedule="cosine")
+    mesh = shd.make_mesh(shd.mesh_config(data=1), jax.devices()[:1])
+    tx = make_optimizer(o, total_steps=steps)
+    graphdef, state, state_sh = init_state(cfg, tx, mesh, shd.rules_dict(shd.DEFAULT_RULES), seed=0)
+    np.savez(tmp_path / "weights.npz", **gpt2.params_to_hf(state.params, cfg))
+
+    tokens = np.random.default_rng(0).integers(0, V, (4, 16)).astype(np.int32)
+    weights = np.ones(tokens.shape, np.float32)
+    weights[:, -1] = 0  # HF shifts the labels: the last position has no target
+    batch = {"inputs": tokens, "targets": np.roll(tokens, -1, axis=1), "weights": weights,
+             "segment_ids": np.ones_like(tokens), "positions": np.broadcast_to(np.arange(16, dtype=np.int32),
+                                                                                tokens.shape).copy()}
+    np.savez(tmp_path / "batch.npz", input_ids=tokens.astype(np.int64), labels=tokens.astype(np.int64))
+    torch_step, info = hf_train_step.build({
+        "model_class": "GPT2LMHeadModel", "config_class": "GPT2Config", "hf_config": gpt2.hf_config_from(cfg).to_dict(),
+        "untie_lm_head": False, "shifted_labels": True, "batch": str(tmp_path / "batch.npz"),
+        "weights": str(tmp_path / "weights.npz"), "threads": torch.get_num_threads(), "seed": 0,
+        "optim": {k: o[k] for k in ("learning_rate", "b1", "b2", "eps", "weight_decay", "clip_norm", "schedule",
+                                    "warmup_steps", "min_lr_ratio", "decay_embeddings")} | {"total_steps": steps}})
+    assert info["unloaded"] == [] and info["unused"] == []
+
+    step = make_train_step(graphdef, tx, state_sh, batch_shardings(mesh, batch),
+                           rules=shd.rules_dict(shd.DEFAULT_RULES))
+    ours, theirs, norms = [], [], []
+    for _ in range(steps):
+        state, metrics = step(state, global_batch(batch, mesh))
+        ours.append(float(metrics["loss"]))
+        norms.append(float(metrics["grad_norm"]))
+        theirs.append(torch_step()[1])
+    assert max(norms) > o.clip_norm  # clipping is exercised
+    assert ours[-1] < ours[0] - 0.5  # it learns: the later losses depend on every update so far
+    np.testing.assert_allclose(ours, theirs, rtol=2e-5)
