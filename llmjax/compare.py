@@ -21,6 +21,7 @@ yardsticks, computed the same way for every cell, make the objectives comparable
    name (llmjax.downstream, each family in its own format), then writes the names of
    `downstream_eval_examples` held-out docstrings: the fraction written exactly (name exact match) and the
    teacher-forced accuracy on the names' tokens (name token accuracy, the partial credit).
+   downstream_steps=0 leaves this yardstick out (n/a).
 
 With `seeds` N > 1 (grid.seeds or --seeds) every cell runs N times, train.seed = grid.seed + k for seed k
 (model init, data order, LM adaptation and probe all follow it); the table shows mean ± standard deviation and
@@ -336,7 +337,8 @@ def run_cell(grid, cell: dict, out: Path, data_root: Path, data_dir: Path, token
     lap("infill_accuracy")
     probe = probe_accuracy(model_cfg, state, cfg, data_dir, tokenizer, ys, seed=int(cfg.train.seed))
     lap("probe_accuracy")
-    names = downstream_scores(model_cfg, state, cfg, tokenizer, ys, seed=int(cfg.train.seed))
+    names = (downstream_scores(model_cfg, state, cfg, tokenizer, ys, seed=int(cfg.train.seed))
+             if int(ys.downstream_steps) > 0 else {"exact_match": None, "token_accuracy": None})
     lap("downstream")
     ppl = None
     if model_cfg.family != "encoder":

@@ -221,7 +221,7 @@ def test_two_seeds_of_a_real_cell_differ_and_seed_0_reproduces_the_single_seed_c
     grid.budget_flops = 3e9
     grid.train.update(eval_every=1000, checkpoint_every=1000)  # one evaluation and one checkpoint, at the end
     grid.yardsticks.update(eval_windows=16, lm_adapt_steps=2, probe_train_examples=32, probe_eval_examples=16,
-                           probe_steps=2)
+                           probe_steps=2, downstream_steps=0)  # no downstream yardstick (the micro grid has it)
     grid.seeds = 2
     work = tmp_path / "w"
     first = compare.compare(grid, work)["cells"][0]
@@ -239,6 +239,7 @@ def test_two_seeds_of_a_real_cell_differ_and_seed_0_reproduces_the_single_seed_c
     again = compare.compare(grid, work)["cells"][0]["runs"]
     keys = ("own_loss", "continuation_ppl", "infill_accuracy", "probe_accuracy", "curve")
     assert {k: again[0][k] for k in keys} == {k: s0[k] for k in keys}
+    assert s0["name_exact_match"] is None and "n/a" in (work / "RESULTS.md").read_text()
     assert (seed1 / "cell.json").stat().st_mtime_ns == stamp and again[1] == s1
     cfg = json.loads((seed1 / "config.json").read_text())
     assert cfg["train"]["seed"] == 1

@@ -1,10 +1,10 @@
 """Run 5 train steps in one of N JAX processes (CPU, gloo) and print the losses.
 
-    python multiprocess_losses.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS [OBJECTIVE FAMILY]
-(NUM_PROCESSES=1: no distributed runtime.) Without OBJECTIVE: synthetic causal-LM batches, each process giving
-its slice of them. With OBJECTIVE (e.g. ul2) and FAMILY (decoder or encoder_decoder): each process builds only
-its own rows with the input pipeline (make_train_iterator over fixed random documents) and trains with the
-objective's loss. Prints one JSON line: {"losses": [...]} from every process.
+    python multiprocess_losses.py PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS OBJECTIVE FAMILY
+(NUM_PROCESSES=1: no distributed runtime.) OBJECTIVE (e.g. ul2), FAMILY (decoder or encoder_decoder): each
+process builds only its own rows with the input pipeline (make_train_iterator over fixed random documents) and
+trains a one-layer model with the objective's loss. Prints one JSON line: {"losses": [...], ...} from every
+process.
 """
 
 import json
@@ -12,7 +12,7 @@ import os
 import sys
 
 pid, nproc, port, ndev = (int(a) for a in sys.argv[1:5])
-objective_name, family = (sys.argv[5:7] + [None, None])[:2]
+objective_name, family = sys.argv[5:7]
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
 
@@ -25,7 +25,7 @@ if nproc > 1:
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
-from test_train import V, optim, synthetic_batches, tiny_cfg  # noqa: E402
+from test_train import V, optim, tiny_cfg  # noqa: E402
 
 from llmjax import sharding as shd  # noqa: E402
 from llmjax.data.pipeline import make_train_iterator  # noqa: E402
@@ -48,21 +48,14 @@ def objective_batches():
     return [next(it) for _ in range(STEPS)]
 
 
-if objective_name is None:
-    cfg, loss = tiny_cfg(), {}
-    full = synthetic_batches(STEPS)
-    rows = BATCH // jax.process_count()
-    batches = [{k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in b.items()}
-               for b in full]  # each process gives only its own rows
-else:
-    cfg = tiny_cfg(family=family, max_length=LENGTH)
-    loss_fn, weights_fn = objective_loss(objective_name)
-    loss = dict(loss_fn=loss_fn, weights_fn=weights_fn)
-    batches = objective_batches()
+cfg = tiny_cfg(family=family, max_length=LENGTH, num_layers=1)
+loss_fn, weights_fn = objective_loss(objective_name)
+batches = objective_batches()
 mesh = shd.make_mesh(shd.mesh_config(data=2, fsdp=-1))
 tx = make_optimizer(optim(), total_steps=10)
 graphdef, state, state_sh = init_state(cfg, tx, mesh, shd.rules_dict(shd.DEFAULT_RULES), seed=0)
-step = make_train_step(graphdef, tx, state_sh, batch_shardings(mesh, batches[0]), **loss)
+step = make_train_step(graphdef, tx, state_sh, batch_shardings(mesh, batches[0]), loss_fn=loss_fn,
+                       weights_fn=weights_fn)
 losses = []
 for b in batches:
     state, metrics = step(state, global_batch(b, mesh))
