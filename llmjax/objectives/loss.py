@@ -44,7 +44,8 @@ def mlm_loss(model, batch: dict, *, label_smoothing: float = 0.0, z_loss: float 
     vocabulary projection see only the selected positions: the K = MLM_GATHER_FRACTION * T positions of each
     row with the largest weights, which hold every selected token whenever a row has at most K of them; a
     batch with a fuller row takes the head over every position instead (lax.cond), so the sums are always
-    those of the full head. The full [B, T, V] logits, the largest activation of a BERT step, are never built."""
+    those of the full head. The gathered path never builds the full [B, T, V] logits, the largest activation
+    of a BERT step."""
     out = model(batch["inputs"], batch["segment_ids"], batch["positions"], batch.get("token_type_ids"),
                 deterministic=deterministic)
     hidden, targets, weights = out["hidden"], batch["targets"], batch["weights"]
