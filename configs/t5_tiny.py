@@ -1,4 +1,4 @@
-"""T5 v1.1-style encoder-decoder, CPU-sized (~6M parameters), trained with span corruption.
+"""T5 v1.1-style encoder-decoder, CPU-sized (9.5M parameters: untied input and output embeddings of 2.1M each), trained with span corruption.
 
     llmjax train --config configs/t5_tiny.py --workdir runs/t5_tiny
 """
