@@ -1,4 +1,5 @@
-"""T5 v1.1-style encoder-decoder, CPU-sized (9.5M parameters: untied input and output embeddings of 2.1M each), trained with span corruption.
+"""T5 v1.1-style encoder-decoder, CPU-sized (9.5M parameters, of which 4.2M are the untied input and output
+embeddings), trained with span corruption.
 
     llmjax train --config configs/t5_tiny.py --workdir runs/t5_tiny
 """
