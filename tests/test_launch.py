@@ -41,23 +41,6 @@ def _env():
     return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
 
 
-def test_local_two_processes_train(tmp_path):
-    workdir = tmp_path / "run"
-    r = subprocess.run(_launch_cmd(workdir), env=_env(), capture_output=True, text=True, timeout=400, cwd=REPO)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    logs = [(workdir / "logs" / f"rank{i}.log").read_text() for i in range(2)]
-    for i, log in enumerate(logs):
-        # One runtime of 2 processes x 2 devices: every rank sees all 4 devices (process 1's start at 2048).
-        assert "CpuDevice(id=2049)" in log, log[-2000:]
-        assert "validation loss:" in log
-        assert f"[rank {i}] JAX cpu devices" in r.stdout
-    assert "all 2 ranks finished" in r.stdout
-    # Only process 0 writes metrics, plots and TensorBoard; the rows reach step 3.
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert max(row["step"] for row in rows) == 3
-    assert (workdir / "loss.png").exists() and any((workdir / "tensorboard").iterdir())
-
-
 def test_local_killed_rank_stops_the_launch(tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.Popen(_launch_cmd(workdir, "--config.train.steps=100000"), env=_env(), stdout=subprocess.PIPE,
@@ -381,20 +364,25 @@ def _single_process(workdir, data_dir, steps, devices=4):
 
 
 @pytest.mark.slow
-def test_two_process_checkpoint_resumes_in_one_process(tmp_path, tmp_path_factory, worker_id):
-    """2 processes x 2 devices train 6 steps; 1 process x 4 devices resumes that checkpoint to step 9 and
-    matches an uninterrupted 1-process run of 9 steps (the data-iterator states of both ranks merge)."""
-    from conftest import prepared_data_dir
-
-    # TINY_TRAIN's corpus, prepared once per session (preparing in a 2-process launch: the tests above).
-    data_dir = prepared_data_dir(tmp_path_factory, worker_id, str(REPO / "configs/gpt_tiny.py"), TINY_TRAIN[:3])
+def test_two_process_checkpoint_resumes_in_one_process(tmp_path):
+    """A local launch of 2 processes x 2 devices prepares the data and trains 6 steps (one runtime of 4 devices;
+    only process 0 writes metrics, plots and TensorBoard); 1 process x 4 devices resumes its checkpoint to step 9
+    and matches an uninterrupted 1-process run of 9 steps (the data-iterator states of both ranks merge)."""
     multi, single = tmp_path / "multi", tmp_path / "single"
-    r = subprocess.run(_launch_cmd(multi, *SMALL_MODEL, f"--config.data.data_dir={data_dir}", "--config.train.steps=6",
-                                   "--config.train.checkpoint_every=3"),
+    r = subprocess.run(_launch_cmd(multi, *SMALL_MODEL, "--config.train.steps=6", "--config.train.checkpoint_every=3"),
                        env=_env(), capture_output=True, text=True, timeout=400, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    logs = [(multi / "logs" / f"rank{i}.log").read_text() for i in range(2)]
+    for i, log in enumerate(logs):
+        # One runtime of 2 processes x 2 devices: every rank sees all 4 devices (process 1's start at 2048).
+        assert "CpuDevice(id=2049)" in log, log[-2000:]
+        assert "validation loss:" in log
+        assert f"[rank {i}] JAX cpu devices" in r.stdout
+    assert "all 2 ranks finished" in r.stdout
+    assert (multi / "loss.png").exists() and any((multi / "tensorboard").iterdir())
     assert sorted(p.name for p in (multi / "checkpoints" / "6" / "data").glob("process_*")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
+    data_dir = multi / "data"  # prepared by the launch (data.data_dir '' = WORKDIR/data)
     resumed = _single_process(multi, data_dir, 9)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from checkpoint {multi / 'checkpoints' / '6'} at step 6" in resumed.stderr
@@ -412,7 +400,8 @@ def test_sigterm_to_one_rank_saves_the_same_step_on_every_rank(tmp_path, tmp_pat
     stop after the same step, save it together and exit 0; the run then resumes from that step."""
     from conftest import prepared_data_dir
 
-    # TINY_TRAIN's corpus, prepared once per session (preparing in a 2-process launch: the tests above).
+    # TINY_TRAIN's corpus, prepared once per session (test_two_process_checkpoint_resumes_in_one_process
+    # prepares in a 2-process launch).
     data_dir = prepared_data_dir(tmp_path_factory, worker_id, str(REPO / "configs/gpt_tiny.py"), TINY_TRAIN[:3])
     workdir = tmp_path / "run"
     proc = subprocess.Popen(_launch_cmd(workdir, *SMALL_MODEL, f"--config.data.data_dir={data_dir}",
