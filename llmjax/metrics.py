@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -55,6 +56,21 @@ def tensorboard_dir(workdir) -> str:
     return str(storage.path(workdir) / "tensorboard")
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported only by the process that writes, and without PyTorch: tensorboardX
+    imports torch whenever it is installed (1.1 s of every run's start here), for tensor types llmjax never
+    hands it (it writes Python floats). While it loads, `import torch` fails, so it falls back to numpy."""
+    if "torch" in sys.modules:  # already loaded by the user's process: nothing to save
+        from tensorboardX import SummaryWriter  # heavy: see above
+        return SummaryWriter
+    sys.modules["torch"] = None  # an ImportError for `import torch`, for the duration of this import only
+    try:
+        from tensorboardX import SummaryWriter  # heavy: see above
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends metrics to metrics.jsonl and TensorBoard; only the writing process (process 0) writes.
 
@@ -82,9 +98,7 @@ class MetricsWriter:
                 if f.read(1) != b"\n":
                     f.write(b"\n")
         if enabled:
-            from tensorboardX import SummaryWriter  # heavy: only the process that writes imports it
-
-            self.tb = SummaryWriter(tensorboard_dir(workdir))  # gs:// too (tensorboardX)
+            self.tb = _summary_writer_class()(tensorboard_dir(workdir))  # gs:// too (tensorboardX)
 
     def write(self, step: int, metrics: dict, prefix: str = "train"):
         if not self.enabled:

@@ -23,36 +23,40 @@ from helpers.gcs import gcs_server  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# The longest tests (seconds on 2 busy cores), started first: pytest-xdist hands tests out in collection
-# order, so a long test collected last would make the suite end late while the other worker idles.
+# The longest tests (seconds on 2 busy cores, from `pytest -n 2 --durations`), started first: pytest-xdist
+# hands tests out in collection order, so a long test collected last would make the suite end late while the
+# other worker idles.
 LONGEST_FIRST = {
     "test_container.py::test_image_builds_and_runs_llmjax": 130,  # where buildah runs (skipped elsewhere)
-    "test_launch.py::test_two_process_checkpoint_resumes_in_one_process": 53,
-    "test_compare.py::test_micro_grid_runs_resumes_and_reports": 50,
-    "test_compare.py::test_two_seeds_of_a_real_cell_differ_and_seed_0_reproduces_the_single_seed_cell": 35,
-    "test_checkpoint.py::test_resume_after_sigkill_and_sigterm_is_bit_identical": 49,
-    "test_finetune.py::test_finetune_from_a_training_workdir": 46,  # + test_generate_cli's fill (same run)
-    "test_slurm.py::test_slurm_two_task_training_job": 43,
-    "test_tpu_compile.py::test_remat_reduces_compiled_temporary_memory_on_tpu": 40,
-    "test_end_to_end.py::test_tiny_config_trains_and_validation_loss_falls": 40,
-    "test_multiprocess.py::test_two_processes_equal_one_process": 39,
-    "test_moe.py::test_moe_tiny_trains_and_validation_loss_falls": 38,
-    "test_finetune.py::test_text_to_text_with_lora_reports_exact_match_and_generates": 38,
-    "test_launch.py::test_local_two_processes_train": 35,
-    "test_checkpoint.py::test_saved_on_fsdp8_restores_on_4_and_1_devices_and_continues": 32,
+    "test_compare.py::test_micro_grid_runs_resumes_and_reports": 110,
+    "test_checkpoint.py::test_resume_after_sigkill_and_sigterm_is_bit_identical": 79,
+    "test_slurm.py::test_slurm_two_task_training_job": 74,
+    "test_end_to_end.py::test_tiny_config_trains_and_validation_loss_falls": 63,
+    "test_gcs_end_to_end.py::test_bucket_workdir_trains_survives_sigkill_exports_and_decodes": 63,
+    "test_launch.py::test_two_process_checkpoint_resumes_in_one_process": 60,
+    "test_moe.py::test_moe_tiny_trains_and_validation_loss_falls": 47,
+    "test_finetune.py::test_finetune_from_a_training_workdir": 45,  # + test_generate_cli's fill (same run)
+    "test_compare.py::test_two_seeds_of_a_real_cell_differ_and_seed_0_reproduces_the_single_seed_cell": 40,
+    "test_multiprocess.py::test_ul2_two_processes_equal_one_process": 35,
+    "test_checkpoint.py::test_saved_on_fsdp8_restores_on_4_and_1_devices_and_continues": 35,
+    "test_scan.py::test_scanned_train_steps_equal_unrolled_on_one_device": 34,
+    "test_finetune.py::test_text_to_text_with_lora_reports_exact_match_and_generates": 34,
+    "test_context_parallel.py::test_context_parallel_steps_equal_one_device": 34,
+    "test_checkpoint.py::test_ul2_run_resumed_after_sigkill_has_the_losses_of_an_uninterrupted_one": 31,
     "test_train.py::test_remat_reduces_saved_activations_with_same_losses": 30,
-    "test_checkpoint.py::test_a_scanned_run_goes_on_unrolled_from_its_weights_with_init_from": 28,
-    "test_train.py::test_one_device_equals_eight_devices_data_fsdp_tensor": 22,
-    "test_scan.py::test_scanned_train_steps_equal_unrolled_on_one_device": 20,
-    "test_compile.py::test_a_scanned_stack_reports_the_costs_of_the_unrolled_one": 20,
-    "test_context_parallel.py::test_context_parallel_steps_equal_one_device": 25,
-    "test_compile.py::test_two_slices_exchange_only_the_gradient_reduction_over_the_data_centre_network": 15,
-    "test_launch.py::test_sigterm_to_one_rank_saves_the_same_step_on_every_rank": 26,
+    "test_generate_cli.py::test_generate_from_a_trained_encoder_decoder": 29,
+    "test_launch.py::test_sigterm_to_one_rank_saves_the_same_step_on_every_rank": 28,
+    "test_finetune.py::test_tagging_end_to_end": 26,
     "test_moe.py::test_train_steps_on_expert_parallel_mesh_equal_one_device": 25,
+    "test_tpu_compile.py::test_remat_reduces_compiled_temporary_memory_on_tpu": 23,
+    "test_checkpoint.py::test_a_scanned_run_goes_on_unrolled_from_its_weights_with_init_from": 23,
     "test_moe.py::test_remat_and_micro_batches_keep_the_moe_metrics": 23,
-    "test_compile.py::test_config_that_does_not_fit_says_so_and_suggests_a_fix": 20,
-    "test_compile.py::test_compile_each_family_on_v5e": 15,
-    "test_compile.py::test_fsdp_over_four_chips_holds_a_quarter_of_the_parameters": 15,
+    "test_compile.py::test_compile_each_family_on_v5e": 23,
+    "test_train.py::test_one_device_equals_eight_devices_data_fsdp_tensor": 22,
+    "test_compile.py::test_a_scanned_stack_reports_the_costs_of_the_unrolled_one": 17,
+    "test_compile.py::test_config_that_does_not_fit_says_so_and_suggests_a_fix": 14,
+    "test_compile.py::test_two_slices_exchange_only_the_gradient_reduction_over_the_data_centre_network": 14,
+    "test_compile.py::test_fsdp_over_four_chips_holds_a_quarter_of_the_parameters": 13,
 }
 
 
