@@ -20,6 +20,14 @@ import sys
 import time
 
 
+def optim_setup(optim, total_steps: int) -> dict:
+    """The setup's "optim": the fields of an llmjax `optim` config section (llmjax.state) that the peer
+    reproduces, plus the run's total steps (the schedule's length)."""
+    fields = ("learning_rate", "b1", "b2", "eps", "weight_decay", "clip_norm", "schedule", "warmup_steps",
+              "min_lr_ratio", "decay_embeddings")
+    return {k: optim[k] for k in fields} | {"total_steps": int(total_steps)}
+
+
 def lr_lambda(optim: dict):
     """The llmjax schedule (llmjax.state.learning_rate_schedule) as a multiplier of the peak: linear warm-up
     from 0, then cosine to min_lr_ratio (or linear / constant)."""

@@ -40,8 +40,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import hf_train_step  # the peer's own setup helpers (it imports neither torch nor JAX at the top)
+
 ROOT = Path(__file__).resolve().parent.parent
-PEER = Path(__file__).resolve().with_name("hf_train_step.py")
+PEER = Path(hf_train_step.__file__).resolve()
 # family config -> (llmjax.interop module, HF model class): the HF classes a user trains each objective with.
 HF_CLASS = {"bert_tiny": ("bert", "BertForMaskedLM"), "t5_tiny": ("t5", "T5ForConditionalGeneration"),
             "gpt_tiny": ("gpt2", "GPT2LMHeadModel"), "bench_gpt": ("gpt2", "GPT2LMHeadModel")}
@@ -170,9 +172,7 @@ def run_family(family: str, fv, tmp: Path) -> dict:
              "shifted_labels": interop_name == "gpt2", "batch": str(tmp / f"{family}.npz"),
              "weights": str(tmp / f"{family}_weights.npz"),
              "threads": fv.torch_threads or os.cpu_count(), "seed": int(cfg.train.seed),
-             "optim": {k: o[k] for k in ("learning_rate", "b1", "b2", "eps", "weight_decay", "clip_norm", "schedule",
-                                         "warmup_steps", "min_lr_ratio", "decay_embeddings")}
-             | {"total_steps": int(cfg.train.steps)}}
+             "optim": hf_train_step.optim_setup(o, cfg.train.steps)}
     if o.optimizer != "adamw" or o.schedule not in ("cosine", "linear", "constant"):
         raise SystemExit(f"{family}: optim {o.optimizer}/{o.schedule} has no HF counterpart here (AdamW; cosine, "
                          "linear or constant schedule)")

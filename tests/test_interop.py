@@ -294,8 +294,7 @@ def test_training_steps_match_transformers_with_torch_adamw(tmp_path):
         "model_class": "GPT2LMHeadModel", "config_class": "GPT2Config", "hf_config": gpt2.hf_config_from(cfg).to_dict(),
         "untie_lm_head": False, "shifted_labels": True, "batch": str(tmp_path / "batch.npz"),
         "weights": str(tmp_path / "weights.npz"), "threads": torch.get_num_threads(), "seed": 0,
-        "optim": {k: o[k] for k in ("learning_rate", "b1", "b2", "eps", "weight_decay", "clip_norm", "schedule",
-                                    "warmup_steps", "min_lr_ratio", "decay_embeddings")} | {"total_steps": steps}})
+        "optim": hf_train_step.optim_setup(o, steps)})
     assert info["unloaded"] == [] and info["unused"] == []
 
     step = make_train_step(graphdef, tx, state_sh, batch_shardings(mesh, batch),
